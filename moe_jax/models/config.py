@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 # PHATGOOSE puts an expert on every q/k/v/o of encoder self-, decoder self- and decoder cross-attention and on every
 # feed-forward linear (wi_0/wi_1/wo for gated-GELU, wi/wo for ReLU): 432 modules on T5-XL.
-PHATGOOSE_MODULES = r".*/(attention|self_attention|encoder_decoder_attention)/(query|key|value|out)|.*/mlp/(wi|wi_0|wi_1|wo)"
+PHATGOOSE_MODULES = r"(.*/)?((attention|self_attention|encoder_decoder_attention)/(query|key|value|out)|mlp/(wi|wi_0|wi_1|wo))"
 
 FEED_FORWARDS = ("gated-gelu", "relu")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "tpu_flash")

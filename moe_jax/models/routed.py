@@ -7,7 +7,9 @@
   Cost grows with T*k + E*block, not T*E. Pure XLA gathers and batched dots: differentiable, shardable, any backend.
 - `ragged`: the same sort, with `jax.lax.ragged_dot` on the grouped rows (the grouped-matmul primitive; fast on
   TPU, a slow path on GPU in jax 0.11).
-- `auto`: `dense` when E <= `DENSE_MAX_EXPERTS`, else `sorted`.
+- `auto`: `dense` when E <= `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than
+  T*E rows, else `sorted` with a block sized to the mean group (T*k/E, a power of two in [8, 64]), so that small
+  batches and decoding steps do not pay E*64 rows of padding.
 
 All formulations accumulate in float32 and keep the rank-r intermediate in float32 (low-precision intermediates are
 a known bug class in routed LoRA code). `moe_jax.models.reference` holds the float64 oracle they are tested against.
@@ -24,11 +26,25 @@ Array = jax.Array
 
 IMPLS = ("auto", "dense", "sorted", "ragged")
 DENSE_MAX_EXPERTS = 8
-BLOCK = 64
+MIN_BLOCK, MAX_BLOCK = 8, 64
 
 
-def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "auto", block: int = BLOCK) -> Array:
-  """x [..., d_in], a [E, d_in, r], b [E, r, d_out] -> float32 [..., d_out] (weights already include any scale)."""
+def sorted_block(tokens: int, k: int, num_experts: int) -> int:
+  """Block size for `sorted`: the mean group size T*k/E rounded up to a power of two, within [8, 64]."""
+  mean_group = max(1, -(-tokens * k // num_experts))
+  return min(MAX_BLOCK, max(MIN_BLOCK, 1 << (mean_group - 1).bit_length()))
+
+
+def sorted_rows(tokens: int, k: int, num_experts: int, block: int) -> int:
+  """Rows of the padded sorted layout (a static bound; see `_sorted`)."""
+  n = tokens * k
+  return (n // block + min(num_experts, n)) * block
+
+
+def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "auto", block: int | None = None) -> Array:
+  """x [..., d_in], a [E, d_in, r], b [E, r, d_out] -> float32 [..., d_out] (weights already include any scale).
+
+  `block` sets the `sorted` block size (default: `sorted_block`)."""
   if impl not in IMPLS:
     raise ValueError(f"routed LoRA impl={impl!r}; expected one of {IMPLS}")
   num_experts = a.shape[0]
@@ -39,8 +55,12 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
   else:
     experts = routing.experts.reshape(-1, routing.experts.shape[-1])
     weights = routing.weights.reshape(experts.shape)
+    tokens, k = experts.shape
+    block = block or sorted_block(tokens, k, num_experts)
     if impl == "auto":
-      impl = "dense" if num_experts <= DENSE_MAX_EXPERTS else "sorted"
+      # Dense computes T*E expert rows with plain matmuls; sorted computes its padded rows with gathers around them.
+      small = num_experts <= DENSE_MAX_EXPERTS or 4 * sorted_rows(tokens, k, num_experts, block) > tokens * num_experts
+      impl = "dense" if small else "sorted"
     if impl == "dense":
       out = _dense(x2, a, b, dense_weights(experts, weights, num_experts))
     elif impl == "sorted":
@@ -79,7 +99,7 @@ def _sorted(x: Array, a: Array, b: Array, experts: Array, weights: Array, block:
   block_end = jnp.cumsum(blocks_per_expert)
   first_block = block_end - blocks_per_expert
   # Sum over groups of ceil(c/block) <= n // block + (number of non-empty groups): a static bound.
-  num_blocks = n // block + min(num_experts, n)
+  num_blocks = sorted_rows(tokens, k, num_experts, block) // block
   block_expert = jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right")
   block_valid = block_expert < num_experts
   block_expert = jnp.minimum(block_expert, num_experts - 1)

@@ -52,7 +52,8 @@ def standardize(x: Array, eps: float = 1e-5) -> Array:
 class Phatgoose(Router):
   """PHATGOOSE: s_i = <std(x), std(g_i)> / sqrt(d_in); top-k; softmax over the k kept scores.
 
-  (The reference code renormalises softmax probabilities with a 1e-6 epsilon, which equals this up to ~1e-6.)
+  The reference code renormalises the kept softmax probabilities as p / (sum p + 1e-6); that differs from this by
+  a relative 1e-6 / (kept probability mass), under 1e-5 unless the kept mass is below 0.1.
   """
 
   k: int = 2
