@@ -1,0 +1,50 @@
+"""Command-line gin handling: T5X-style flags, and one clear error for each kind of mistake."""
+
+import gin
+import pytest
+
+from moe_jax import gin_utils
+from moe_jax.models.config import T5Config
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _configure(argv):
+  args = gin_utils.parse_flags(argv, "test")
+  gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
+
+
+def test_files_and_both_binding_styles():
+  _configure(["--gin_file=gin/models/tiny.gin", "--gin.T5Config.d_model=48",
+              "--gin_bindings=T5Config.num_heads = 2", "--gin.T5Config.name='x'"])
+  cfg = T5Config()
+  assert (cfg.d_model, cfg.num_heads, cfg.name, cfg.d_ff) == (48, 2, "x", 128)
+
+
+def test_includes_resolve_through_search_paths():
+  _configure(["--gin_file=models/flan_t5_xl.gin"])
+  assert T5Config().d_model == 2048 and T5Config().name == "flan_t5_xl"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gin_file=gin/models/tiny.gin", "--gin.T5Config.d_modle=48"], "doesn't have a parameter named 'd_modle'"),
+    (["--gin_file=gin/models/tiny.gin", "--gin.T5Confg.d_model=48"], "No configurable matching 'T5Confg'"),
+    (["--gin_file=gin/models/nope.gin"], "gin file 'gin/models/nope.gin' not found"),
+])
+def test_mistakes_give_one_clear_error(argv, message):
+  with pytest.raises(gin_utils.GinError) as e:
+    _configure(argv)
+  assert message in e.value.message and "\n" not in e.value.message
+
+
+def test_flag_errors(capsys):
+  with pytest.raises(SystemExit):
+    gin_utils.parse_flags(["--gin.T5Config.d_model"], "test")
+  with pytest.raises(SystemExit):
+    gin_utils.parse_flags([], "test")
+  assert "--gin_file" in capsys.readouterr().err
