@@ -6,7 +6,7 @@ setup(
     name="moe_jax",
     version="0.1.0",
     description="PHATGOOSE and friends: routing among LoRA experts on a frozen T5X-style encoder-decoder, in JAX",
-    packages=find_packages(include=["moe_jax", "moe_jax.*"]),
+    packages=find_packages(include=["moe_jax", "moe_jax.*", "tasks", "tasks.*"]),
     python_requires=">=3.11",
     # The core (models, routing, checkpoints) needs no TensorFlow; the seqio data layer lives in the `data` extra.
     install_requires=[

@@ -1,0 +1,182 @@
+"""Evaluation: log-likelihoods, rank classification and greedy decoding against independent references; metrics
+and result files on the synthetic tasks."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.evaluation import (choice_log_likelihoods, evaluate_task, greedy_generate, pad_tokens, rank_classify,
+                                write_results)
+from moe_jax.models import ExpertConfig, Fixed, T5Config, Transformer
+
+CFG = T5Config(vocab_size=264, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_encoder_layers=1,
+               num_decoder_layers=1, dtype="float32")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_EXPERTS = 8  # one per synthetic skill, for oracle routing
+
+
+def _init(model):
+  tokens = jnp.ones((1, 4), jnp.int32)
+  init = jax.jit(functools.partial(model.init, routing_ids=jnp.zeros(1, jnp.int32)))
+  return nn.unbox(init(jax.random.PRNGKey(0), tokens, tokens)["params"])
+
+
+@pytest.fixture(scope="module")
+def plain():
+  model = Transformer(CFG)
+  return model, _init(model)
+
+
+@pytest.fixture(scope="module")
+def routed():
+  """Experts that matter (random lora_b), one per example through `Fixed()` and routing ids."""
+  # Experts on the encoder's and decoder's last linear only: enough to see routing, quick to compile.
+  model = Transformer(CFG, ExpertConfig(num_experts=NUM_EXPERTS, rank=2, modules=r".*/mlp/wo", router=Fixed()))
+  flat = flax.traverse_util.flatten_dict(_init(model))
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), len(flat)))
+  flat = {k: jax.random.normal(next(keys), v.shape) if k[-1] == "lora_b" else v for k, v in flat.items()}
+  return model, flax.traverse_util.unflatten_dict(flat)
+
+
+def _data(seed, n=10, max_choices=4):
+  """Right-padded inputs [n, 24] ending in EOS; ragged answer choices (2-4 per example, 1-4 tokens, ending in EOS)."""
+  rng = np.random.default_rng(seed)
+  inputs = pad_tokens([np.append(rng.integers(3, 259, k), 1) for k in rng.integers(3, 20, n)], 24)
+  choices = [[np.append(rng.integers(3, 259, k), 1) for k in rng.integers(0, 4, rng.integers(2, max_choices + 1))]
+             for _ in range(n)]
+  return inputs, choices
+
+
+def test_log_likelihoods_match_numpy_log_softmax(routed):
+  model, params = routed
+  inputs, choices = _data(0)
+  routing_ids = np.arange(len(inputs)) % NUM_EXPERTS
+  scores, lengths = choice_log_likelihoods(model, params, inputs, choices, batch_size=4, routing_ids=routing_ids)
+  apply = jax.jit(model.apply)
+  for i, example_choices in enumerate(choices):
+    assert np.isneginf(scores[i, len(example_choices):]).all() and (lengths[i, len(example_choices):] == 0).all()
+    for j, target in enumerate(example_choices):
+      decoder_inputs = np.concatenate([[0], target[:-1]])[None]
+      logits = np.asarray(apply({"params": params}, inputs[i:i + 1], decoder_inputs,
+                                routing_ids=routing_ids[i:i + 1]), np.float64)[0]
+      shifted = logits - logits.max(-1, keepdims=True)
+      log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+      expected = log_softmax[np.arange(len(target)), target].sum()
+      np.testing.assert_allclose(scores[i, j], expected, rtol=2e-5)
+      assert lengths[i, j] == len(target)
+  # Padded [N, C, Lt] choices give the same scores as ragged ones.
+  padded = np.stack([pad_tokens(c + [np.zeros(0, np.int32)] * (4 - len(c)), 8) for c in choices])
+  again, _ = choice_log_likelihoods(model, params, inputs, padded, batch_size=3, routing_ids=routing_ids)
+  np.testing.assert_allclose(again, scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_rank_classification_matches_t5(plain, length_normalize):
+  metrics = pytest.importorskip("t5.evaluation.metrics")
+  model, params = plain
+  for seed, max_choices in ((1, 4), (2, 2)):  # variable choices per example; exactly two per example
+    inputs, choices = _data(seed, n=24, max_choices=max_choices)
+    scores, lengths = choice_log_likelihoods(model, params, inputs, choices, batch_size=8)
+    predicted = rank_classify(scores, lengths, length_normalize)
+    rng = np.random.default_rng(seed)
+    for _ in range(5):  # several answer keys, so agreement on accuracy pins down the predicted indices
+      correct = [rng.integers(len(c)) for c in choices]
+      targets = [((i, j), j == correct[i], 1.0, int(lengths[i, j])) for i, c in enumerate(choices)
+                 for j in range(len(c))]
+      flat = [float(scores[i, j]) for i, c in enumerate(choices) for j in range(len(c))]
+      num_classes = max_choices if all(len(c) == max_choices for c in choices) else None
+      reference = metrics.rank_classification(targets, flat, num_classes=num_classes,
+                                              normalize_by_target_length=length_normalize)
+      assert reference["accuracy"] == pytest.approx(100 * np.mean(predicted == np.array(correct)))
+
+
+def test_greedy_generate_matches_naive_loop(routed):
+  model, params = routed
+  inputs, _ = _data(3, n=12)
+  routing_ids = np.arange(len(inputs)) % NUM_EXPERTS
+  max_length = 6
+  # A random model never says EOS: give EOS the output column of a token often chosen third, so some
+  # sequences stop early and others run to max_length.
+  first = greedy_generate(model, params, inputs, max_length, routing_ids, batch_size=5)
+  kernel = np.array(params["decoder"]["logits_dense"]["kernel"])
+  token = np.bincount(first[:, 2]).argmax()
+  kernel[:, 1], kernel[:, token] = kernel[:, token], 0.9 * kernel[:, token]
+  params = flax.core.copy(params, {"decoder": {**params["decoder"], "logits_dense": {"kernel": kernel}}})
+  got = greedy_generate(model, params, inputs, max_length, routing_ids, batch_size=5)
+
+  apply = jax.jit(model.apply)
+  prefix = np.zeros((len(inputs), 1), np.int32)  # the reference: the whole growing prefix, no padding, no loop
+  expected = np.zeros((len(inputs), max_length), np.int32)
+  done = np.zeros(len(inputs), bool)
+  for step in range(max_length):
+    logits = apply({"params": params}, inputs, prefix, routing_ids=routing_ids)
+    token = np.asarray(jnp.argmax(logits[:, -1], axis=-1), np.int32)
+    expected[:, step] = np.where(done, 0, token)
+    done |= token == 1
+    prefix = np.concatenate([prefix, token[:, None]], axis=1)
+  np.testing.assert_array_equal(got, expected)
+  stopped = (got == 1).any(axis=1)
+  assert stopped.any() and not stopped.all()
+
+
+def test_write_results(tmp_path):
+  results = {"b_task": {"accuracy": 50.0, "exact_match": 10.0}, "a_task": {"accuracy": np.float32(25.0)}}
+  predictions = {"a_task": [{"input": "x", "target": "y", "prediction": "ÿ", "scores": [-1.5, -2.0]}]}
+  write_results(results, str(tmp_path), predictions)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["mean"] == {"accuracy": 37.5, "exact_match": 10.0} and saved["tasks"]["a_task"]["accuracy"] == 25.0
+  table = (tmp_path / "results.md").read_text().splitlines()
+  assert table[0] == "| task | accuracy | exact_match |"
+  assert table[2] == "| a_task | 25.00 |  |" and table[-1] == "| **mean** (2 tasks) | 37.50 | 10.00 |"
+  lines = (tmp_path / "predictions" / "a_task.jsonl").read_text(encoding="utf-8").splitlines()
+  assert [json.loads(line) for line in lines] == predictions["a_task"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions", "results.json", "results.md"]  # no tmp files
+
+
+def test_evaluation_imports_without_tensorflow():
+  code = ("import sys, moe_jax.evaluation, moe_jax.data, moe_jax.data.vocab, moe_jax.models; "
+          "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio', 't5')]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_evaluate_task_on_synthetic(plain, routed, tmp_path):
+  pytest.importorskip("seqio")
+  from tasks import synthetic
+
+  lengths = synthetic.FEATURE_LENGTHS
+  model, params = plain
+  rank = evaluate_task(model, params, "synthetic_sort_heldout", batch_size=4, feature_lengths=lengths,
+                       max_examples=10)
+  assert rank["mode"] == "rank" and set(rank["metrics"]) == {"accuracy"} and len(rank["predictions"]) == 10
+  chosen = [np.argmax(np.array(p["scores"]) / np.array(p["lengths"])) for p in rank["predictions"]]
+  correct = [p["choices"][c] == p["target"] for p, c in zip(rank["predictions"], chosen)]
+  assert rank["metrics"]["accuracy"] == pytest.approx(100 * np.mean(correct))
+  assert all(p["prediction"] in p["choices"] for p in rank["predictions"])
+
+  gen = evaluate_task(model, params, "synthetic_sort_heldout", batch_size=4, feature_lengths=lengths,
+                      mode="generate", max_examples=6)
+  assert set(gen["metrics"]) == {"exact_match"}
+  assert gen["metrics"]["exact_match"] == pytest.approx(
+      100 * np.mean([p["prediction"] == p["target"] for p in gen["predictions"]]))
+
+  model, params = routed
+  routed_scores = [
+      [p["scores"] for p in evaluate_task(model, params, "synthetic_add_heldout", batch_size=4,
+                                          feature_lengths=lengths, max_examples=4, routing_ids_fn=fn)["predictions"]]
+      for fn in (synthetic.oracle_routing_ids, lambda task, examples: [0] * len(examples))]
+  assert not np.allclose(*routed_scores)  # the routing ids reach the experts
+
+  write_results({"synthetic_sort_heldout": rank["metrics"]}, str(tmp_path),
+                {"synthetic_sort_heldout": rank["predictions"]})
+  record = json.loads((tmp_path / "predictions" / "synthetic_sort_heldout.jsonl").read_text().splitlines()[0])
+  assert set(record) == {"input", "target", "prediction", "choices", "scores", "lengths"}
