@@ -47,8 +47,9 @@ def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
 
 
 def search_paths(extra: str = "") -> list[str]:
-  """Folders gin looks in: the given ones, the current directory, then this repository's gin/."""
-  paths = [p for p in extra.split(",") if p] + [os.getcwd(), REPO_GIN_DIR]
+  """Folders gin looks in: the given ones, this repository's gin/, then the current directory (gin logs each miss,
+  so the folder that holds most includes comes early)."""
+  paths = [p for p in extra.split(",") if p] + [REPO_GIN_DIR, os.getcwd()]
   return list(dict.fromkeys(os.path.abspath(p) for p in paths))
 
 

@@ -7,12 +7,14 @@ unboxed), as `moe_jax.checkpoints.hf.load_hf_t5` returns them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.t5 import Transformer
@@ -70,3 +72,20 @@ def add_experts(backbone: Params, config: T5Config, experts: ExpertConfig, rng: 
       raise ValueError(f"add_experts: backbone parameter {'/'.join(key)} is {found}, but {config.name} expects "
                        f"{want}")
   return merge(backbone, init_experts(config, experts, rng))
+
+
+def stack(trees: Sequence[Params], names: Sequence[str]) -> Params:
+  """Expert trees concatenated on the `expert` axis, in the given order (expert i of the result comes from the
+  i-th tree). All trees must cover the same modules with the same shapes; the error names the odd one out."""
+  if not trees:
+    raise ValueError("stack: no expert trees given")
+  flats = [flax.traverse_util.flatten_dict(t) for t in trees]
+  first = flats[0]
+  for name, flat in zip(names[1:], flats[1:]):
+    for key in sorted(set(first) | set(flat)):
+      if key not in flat or key not in first or tuple(flat[key].shape[1:]) != tuple(first[key].shape[1:]):
+        found = tuple(flat[key].shape) if key in flat else "absent"
+        want = tuple(first[key].shape) if key in first else "absent"
+        raise ValueError(f"expert {name!r} does not match expert {names[0]!r} at {'/'.join(key)}: {found} vs {want}")
+  return flax.traverse_util.unflatten_dict(
+      {key: np.concatenate([np.asarray(flat[key]) for flat in flats], axis=0) for key in first})

@@ -1,0 +1,163 @@
+"""Training checkpoints (orbax) and small expert files.
+
+A training checkpoint holds what the run changes: the stage's trainable parameters, the optimizer state (Adam
+moments exist only for those), the data position and a JSON metadata item. The frozen backbone is not copied into
+every step; it comes back from where it was loaded. Orbax writes each step to `<step>.orbax-checkpoint-tmp` and
+renames it when complete, so an interrupted save is never listed as a step.
+
+An expert file is one safetensors file with the `lora_a`/`lora_b`/`router` leaves and JSON metadata, written to a
+temporary name and renamed into place: the unit that expert libraries, routing and merging work on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax
+import gin
+import jax
+import ml_dtypes  # noqa: F401  registers bfloat16 with NumPy for safetensors
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from moe_jax.models import experts as ex
+from moe_jax.models.config import ExpertConfig, T5Config
+from moe_jax.training import optimizer as opt
+from moe_jax.training.train_step import TrainState
+
+_ITEMS = ("trainable", "opt_state", "data_position", "metadata")
+_EXPERT_METADATA_KEY = "moe_jax_experts"
+
+
+# Metadata that must match for a checkpoint to restore into this run (the task name may differ).
+_MUST_MATCH = ("stage", "expert_modules", "rank", "num_experts")
+
+
+def checkpoint_metadata(stage: str, config: T5Config, experts: ExpertConfig | None, task: str) -> dict[str, Any]:
+  """What identifies a run's checkpoints: restoring checks the model fingerprint, stage and expert layout."""
+  return {
+      "stage": stage,
+      "model_name": config.name,
+      "fingerprint": config.fingerprint(),
+      "expert_modules": None if experts is None else experts.modules,
+      "rank": None if experts is None else experts.rank,
+      "num_experts": None if experts is None else experts.num_experts,
+      "task": task,
+  }
+
+
+def _check_fingerprint(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+  if found.get("fingerprint") != expected["fingerprint"]:
+    raise ValueError(f"{where} belongs to model {found.get('model_name')!r} (fingerprint {found.get('fingerprint')}), "
+                     f"but this run's model is {expected['model_name']!r} (fingerprint {expected['fingerprint']})")
+
+
+def _abstract(tree: Any) -> Any:
+  """Shapes, dtypes and target shardings of a tree of arrays (or of ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+@gin.configurable(denylist=["directory", "metadata"])
+class Checkpointer:
+  """Saves and restores one run's train states under `directory`; the caller decides when to save."""
+
+  def __init__(self, directory: str | os.PathLike, metadata: dict[str, Any], max_to_keep: int | None = 3,
+               async_save: bool = True):
+    self.directory = os.fspath(directory)
+    self.metadata = metadata
+    policy = None if max_to_keep is None else ocp.checkpoint_managers.LatestN(n=max_to_keep)
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                           create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+  def latest_step(self) -> int | None:
+    """The newest completely written step (None if there is none)."""
+    return self._manager.latest_step()
+
+  def save(self, state: TrainState, data_position: int) -> bool:
+    """Save at `state.step`, with `data_position` = batches consumed so far. Returns once device arrays are copied
+    (the write may continue in the background: `wait()` before exiting)."""
+    trainable, _ = opt.partition(state.params, opt.trainable_mask(self.metadata["stage"], state.params))
+    args = ocp.args.Composite(
+        trainable=ocp.args.StandardSave(trainable),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        data_position=ocp.args.JsonSave({"data_position": int(data_position)}),
+        metadata=ocp.args.JsonSave(self.metadata))
+    return self._manager.save(int(state.step), args=args)
+
+  def read_metadata(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+  def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, int]:
+    """(state, data_position) of `step` (default: the latest). `template` is a state of this run (arrays or
+    ShapeDtypeStructs with shardings) whose frozen parameters must be real arrays: they are kept as they are."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    where = f"checkpoint {self.directory} step {step}"
+    found = self.read_metadata(step)
+    _check_fingerprint(found, self.metadata, where)
+    for key in _MUST_MATCH:
+      if found.get(key) != self.metadata.get(key):
+        raise ValueError(f"{where} has {key}={found.get(key)!r}, but this run has {key}={self.metadata.get(key)!r}")
+    trainable, frozen = opt.partition(template.params, opt.trainable_mask(self.metadata["stage"], template.params))
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        trainable=ocp.args.StandardRestore(_abstract(trainable)),
+        opt_state=ocp.args.StandardRestore(_abstract(template.opt_state)),
+        data_position=ocp.args.JsonRestore()))
+    step_array = jax.device_put(np.asarray(step, np.int32), template.step.sharding)
+    state = TrainState(step_array, opt.combine(restored["trainable"], frozen), restored["opt_state"])
+    return state, int(restored["data_position"]["data_position"])
+
+  def wait(self) -> None:
+    """Block until a background save has been committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def expert_metadata(params: Any, config: T5Config, task: str, **extra: Any) -> dict[str, Any]:
+  """Metadata of the expert leaves of `params`: base model, module paths, rank and expert count (from the arrays)."""
+  _, experts = ex.split(params)
+  modules = sorted("/".join(path[:-1]) for path in flax.traverse_util.flatten_dict(experts) if path[-1] == "lora_a")
+  if not modules:
+    raise ValueError("expert_metadata: the tree has no lora_a leaves")
+  num_experts, _, rank = flax.traverse_util.flatten_dict(experts)[tuple(modules[0].split("/")) + ("lora_a",)].shape
+  return {"base_model": config.name, "fingerprint": config.fingerprint(), "modules": modules, "rank": int(rank),
+          "num_experts": int(num_experts), "task": task, **extra}
+
+
+def save_experts(path: str | os.PathLike, params: Any, metadata: dict[str, Any]) -> None:
+  """Write the expert leaves of `params` (a full tree or just the experts) and `metadata` to one safetensors file,
+  atomically: readers see the old file or the complete new one, never a partial write."""
+  _, experts = ex.split(params)
+  flat = flax.traverse_util.flatten_dict(experts)
+  if not flat:
+    raise ValueError("save_experts: the tree has no lora_a/lora_b/router leaves")
+  arrays = multihost_utils.process_allgather(flat, tiled=True)  # the global arrays, on every process
+  if jax.process_index() != 0:
+    return
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  save_file({"/".join(k): np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
+            metadata={_EXPERT_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+  os.replace(tmp, path)
+
+
+def load_experts(path: str | os.PathLike, config: T5Config | None = None) -> tuple[Any, dict[str, Any]]:
+  """(expert parameter tree of NumPy arrays, metadata) from `save_experts`; with `config`, checks it is the same
+  backbone architecture the experts were trained on."""
+  with safe_open(os.fspath(path), framework="np") as f:
+    metadata = json.loads(f.metadata()[_EXPERT_METADATA_KEY])
+    params = flax.traverse_util.unflatten_dict({tuple(k.split("/")): f.get_tensor(k) for k in f.keys()})
+  if config is not None:
+    _check_fingerprint({"model_name": metadata.get("base_model"), **metadata},
+                       {"model_name": config.name, "fingerprint": config.fingerprint()}, f"expert file {path}")
+  return params, metadata
