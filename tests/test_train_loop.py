@@ -108,3 +108,27 @@ def test_cli_rejects_a_misspelt_binding_in_one_line():
   assert result.returncode == 2
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "stpes" in errors[0]
+
+
+def test_evaluate_stacked_experts(backbone_dir, tmp_path):
+  """Two expert files stacked in order: routing everything to the second equals evaluating that expert alone."""
+  from moe_jax.evaluation import runner
+  from moe_jax.models import ExpertConfig, Fixed
+
+  first = _train(tmp_path / "e1", "expert", 2, init_from=str(backbone_dir))
+  second = loop.train(model_dir=str(tmp_path / "e2"), mixture_or_task_name="synthetic_sort", stage="expert",
+                      model_config=TINY, feature_lengths=LENGTHS, batch_size=8, total_steps=2)
+  with pytest.raises(ValueError, match="belongs to model"):  # an expert of another backbone is refused
+    runner.load_expert_stack([first], T5Config(**{**TINY.__dict__, "d_ff": 48}))
+
+  def run(out, files, expert):
+    metrics = runner.evaluate(output_dir=str(tmp_path / out), tasks=["synthetic_reverse"], model_config=TINY,
+                              experts=ExpertConfig(router=Fixed(expert=expert)), init_from=str(backbone_dir),
+                              expert_from=files, feature_lengths=LENGTHS, max_examples=6, batch_size=4)
+    lines = open(tmp_path / out / "predictions" / "synthetic_reverse.jsonl").read().splitlines()
+    return metrics, lines
+
+  stacked, stacked_lines = run("stacked", [first, second], 1)
+  alone, alone_lines = run("alone", [second], 0)
+  assert stacked == alone and stacked_lines == alone_lines
+  assert os.path.isfile(tmp_path / "stacked" / "results.md")

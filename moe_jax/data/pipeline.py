@@ -8,12 +8,23 @@ before any name is looked up here. A data directory (TFDS data and seqio caches)
 from __future__ import annotations
 
 import difflib
+import logging
 from typing import Any, Iterator, Mapping
 
 import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+
+
+class _QuietInMemorySources(logging.Filter):
+  """seqio warns on every uncached FunctionDataSource; ours are generated in memory, deterministically."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "uncached FunctionDataset" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietInMemorySources())
 
 
 def get_provider(name: str) -> seqio.Task | seqio.Mixture:
