@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+DATA = ["seqio==0.0.20", "t5==0.9.4", "tensorflow==2.21.0", "tensorflow-datasets==4.9.10", "datasets>=3"]
+
 setup(
     name="moe_jax",
     version="0.1.0",
@@ -19,11 +21,16 @@ setup(
         "safetensors>=0.4",
         "gin-config>=0.5",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
-        "data": ["seqio", "t5", "tensorflow-datasets", "datasets", "tensorflow"],
+        # The seqio data layer and t5's metric functions. t5 0.9.4 also pulls seqio-nightly and tfds-nightly, which
+        # write into the same `seqio` / `tensorflow_datasets` folders as the stable releases pinned here; installed
+        # together in one pip run the stable files win (tests/test_install.py checks the versions that import).
+        # `t5.models` does not import with TF 2.21 (no tf.compat.v1.estimator); we use only `t5.evaluation`.
+        "data": DATA,
         # transformers + CPU PyTorch are the independent reference our T5 is tested against. torch==2.13.0 is a
         # CPU build on this project's machines; an open `torch` requirement would pull a multi-GB CUDA build.
-        "test": ["pytest>=8", "transformers>=4.40", "torch==2.13.0"],
+        "test": DATA + ["pytest>=8", "transformers>=4.40", "torch==2.13.0"],
     },
 )
