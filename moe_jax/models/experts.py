@@ -48,7 +48,7 @@ def init_experts(config: T5Config, experts: ExpertConfig, rng: jax.Array) -> Par
   tokens = jnp.ones((1, 1), jnp.int32)
 
   def init() -> Params:
-    params = nn.meta.unbox(Transformer(config, experts).init(rng, tokens, tokens))["params"]
+    params = nn.meta.unbox(Transformer(config, experts).init(rng, tokens, tokens, routing_ids=jnp.zeros((1,), jnp.int32)))["params"]
     return split(params)[1]
 
   return jax.jit(init)()

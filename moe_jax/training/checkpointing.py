@@ -3,7 +3,7 @@
 A training checkpoint holds what the run changes: the stage's trainable parameters, the optimizer state (Adam
 moments exist only for those), the data position and a JSON metadata item. The frozen backbone is not copied into
 every step; it comes back from where it was loaded. Orbax writes each step to `<step>.orbax-checkpoint-tmp` and
-renames it when complete, so an interrupted save is never listed as a step.
+renames it when complete (on GCS: marks it with a commit file), so an interrupted save is never listed as a step.
 
 An expert file is one safetensors file with the `lora_a`/`lora_b`/`router` leaves and JSON metadata, written to a
 temporary name and renamed into place: the unit that expert libraries, routing and merging work on.
@@ -31,11 +31,9 @@ from moe_jax.training import optimizer as opt
 from moe_jax.training.train_step import TrainState
 
 _ITEMS = ("trainable", "opt_state", "data_position", "metadata")
-_EXPERT_METADATA_KEY = "moe_jax_experts"
-
-
-# Metadata that must match for a checkpoint to restore into this run (the task name may differ).
+# Metadata that must match for a checkpoint to restore into this run, besides the fingerprint (the task may differ).
 _MUST_MATCH = ("stage", "expert_modules", "rank", "num_experts")
+_EXPERT_METADATA_KEY = "moe_jax_experts"
 
 
 def checkpoint_metadata(stage: str, config: T5Config, experts: ExpertConfig | None, task: str) -> dict[str, Any]:
@@ -68,7 +66,8 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, metadata: dict[str, Any], max_to_keep: int | None = 3,
                async_save: bool = True):
-    self.directory = os.fspath(directory)
+    directory = os.fspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)  # orbax wants absolute paths
     self.metadata = metadata
     policy = None if max_to_keep is None else ocp.checkpoint_managers.LatestN(n=max_to_keep)
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
@@ -91,6 +90,7 @@ class Checkpointer:
     return self._manager.save(int(state.step), args=args)
 
   def read_metadata(self, step: int) -> dict[str, Any]:
+    """The JSON metadata item of `step` (what `checkpoint_metadata` built for the run that wrote it)."""
     return self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
 
   def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, int]:

@@ -26,14 +26,10 @@ _TRAINABLE: dict[str, Callable[[tuple[str, ...]], bool]] = {
 TRAIN, FREEZE = "train", "freeze"
 
 
-def _check_stage(stage: str) -> None:
-  if stage not in STAGES:
-    raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
-
-
 def trainable_mask(stage: str, params: Any) -> Any:
   """Tree of bools over the parameter dict's leaves (boxed or not): which ones `stage` trains."""
-  _check_stage(stage)
+  if stage not in STAGES:
+    raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
   flat = flax.traverse_util.flatten_dict(params)
   mask = {path: _TRAINABLE[stage](path) for path in flat}
   if not any(mask.values()):
@@ -61,8 +57,10 @@ def warmup_steps(warmup_fraction: float, total_steps: int) -> int:
 
 
 def make_schedule(learning_rate: float, warmup_fraction: float, total_steps: int) -> optax.Schedule:
-  """lr * min(step / W, 1) with W = ceil(warmup_fraction * total_steps): linear warmup from 0, then constant (HF's
-  `constant_schedule_with_warmup`, as PHATGOOSE trains)."""
+  """lr * min(step / W, 1) with W = ceil(warmup_fraction * total_steps): PHATGOOSE's linear warmup, then constant.
+
+  As with HF's `get_constant_schedule_with_warmup`, the first update (step 0) has learning rate 0 when W > 0.
+  """
   warmup = warmup_steps(warmup_fraction, total_steps)
   if warmup == 0:
     return optax.constant_schedule(learning_rate)

@@ -11,6 +11,7 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,6 +22,7 @@ from moe_jax.training import partitioning as part
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+StepFn = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
 
 @flax.struct.dataclass
@@ -94,8 +96,7 @@ def _normalizer(weight_sum: jax.Array) -> jax.Array:
 
 
 def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, stage: str, num_microbatches: int = 1,
-                  z_loss: float = 0.0, dropout_seed: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState,
-                                                                                                    Metrics]]:
+                  z_loss: float = 0.0, dropout_seed: int = 0) -> StepFn:
   """The un-jitted step: (state, batch [num_microbatches * micro, ...]) -> (state, metrics).
 
   The loss is sum(weight * token loss) / sum(weight) over the whole batch; each microbatch's gradient is divided by
@@ -120,8 +121,8 @@ def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, sta
       loss, grads = grad_fn(trainable, batch, 0)
     else:
       def accumulate(carry, xs):
-        loss, grads = grad_fn(trainable, xs[1], xs[0])
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        index, micro = xs
+        return jax.tree.map(jnp.add, carry, grad_fn(trainable, micro, index)), None
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
       xs = (jnp.arange(num_microbatches), _split_microbatches(batch, num_microbatches))
@@ -141,9 +142,10 @@ def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, sta
   return step
 
 
+@gin.configurable(allowlist=["z_loss", "dropout_seed"])
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, stage: str, mesh: Mesh,
                     rules: part.Rules, num_microbatches: int = 1, z_loss: float = 0.0,
-                    dropout_seed: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    dropout_seed: int = 0) -> StepFn:
   """`train_step_fn` jitted over `mesh`: state sharded per the logical rules and donated, batch split over the
   `batch` rule's mesh axes, metrics replicated. Call it with the state from `create_train_state`."""
   shardings = state_shardings(model, optimizer, mesh, rules)
