@@ -1,0 +1,102 @@
+"""Concatenate single-expert files (normally gate-stage outputs) into one MoE expert file.
+
+The MoE file uses the expert-file format of `moe_jax.training.checkpointing` (one safetensors file, leaves stacked
+on the expert axis) with metadata `experts`: one {task, source, stage} dict per expert, in expert-axis order. The
+order is the contract that routers and `routing_ids` rely on, so it is exactly the order given; appending keeps the
+existing experts bit-identical and adds the new ones after them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import gin
+
+from moe_jax.models import experts as ex
+from moe_jax.training import checkpointing as ckpt
+from moe_jax.training.loop import EXPERT_FILE
+
+# Metadata that every expert of one MoE file must share (they run on one backbone, in one module layout).
+_SHARED = ("fingerprint", "modules", "rank")
+
+
+def resolve(path: str) -> str:
+  """An expert file, or the `expert.safetensors` of a run directory; raises FileNotFoundError naming it."""
+  path = os.path.join(path, EXPERT_FILE) if os.path.isdir(path) else path
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"expert file {path} does not exist")
+  return path
+
+
+def expert_entries(metadata: dict[str, Any], source: str) -> list[dict[str, Any]]:
+  """Per-expert {task, source, stage} of a file: its `experts` list (an MoE file) or one entry (a single expert)."""
+  if "experts" in metadata:
+    return [dict(e) for e in metadata["experts"]]
+  if metadata["num_experts"] != 1:
+    raise ValueError(f"expert file {source} holds {metadata['num_experts']} experts but no per-expert `experts` "
+                     "metadata; only single-expert files and files written by concatenate can be combined")
+  return [{"task": metadata.get("task"), "source": os.path.abspath(source), "stage": metadata.get("stage")}]
+
+
+def load_moe(path: str, config: Any = None) -> tuple[Any, dict[str, Any]]:
+  """(expert tree, metadata) of a single-expert or MoE file, metadata always carrying the `experts` list."""
+  path = resolve(path)
+  tree, metadata = ckpt.load_experts(path, config)
+  return tree, {**metadata, "experts": expert_entries(metadata, path)}
+
+
+def _check_same(reference: tuple[str, dict[str, Any], Any], candidate: tuple[str, dict[str, Any], Any]) -> None:
+  """Raise ValueError naming `candidate`'s file and the first thing that differs from `reference`."""
+  ref_path, ref_meta, ref_tree = reference
+  path, meta, tree = candidate
+  for key in _SHARED:
+    if meta.get(key) != ref_meta.get(key):
+      found, want = meta.get(key), ref_meta.get(key)
+      if key == "modules":
+        extra, missing = sorted(set(found) - set(want)), sorted(set(want) - set(found))
+        found, want = f"extra {extra[:3]}", f"missing {missing[:3]}"
+      raise ValueError(f"expert file {path} differs from {ref_path} in {key}: {found} vs {want}")
+  ref_flat, flat = flax.traverse_util.flatten_dict(ref_tree), flax.traverse_util.flatten_dict(tree)
+  for key in sorted(set(ref_flat) | set(flat)):
+    a, b = ref_flat.get(key), flat.get(key)
+    if a is None or b is None or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+      describe = lambda x: "absent" if x is None else f"{x.dtype}{list(x.shape)}"
+      raise ValueError(f"expert file {path} differs from {ref_path} at {'/'.join(key)}: {describe(b)} vs "
+                       f"{describe(a)}")
+
+
+@gin.configurable
+def concatenate(expert_files: Sequence[str] = gin.REQUIRED, output: str = gin.REQUIRED,
+                append_to: str | None = None) -> str:
+  """Stack the experts of `expert_files` (files or run dirs) in order into one MoE file at `output`; with
+  `append_to`, that MoE file's experts come first, unchanged. Returns `output`. The write is atomic, so `output`
+  may equal `append_to`. Raises ValueError for mismatched files or a task that would appear twice."""
+  if isinstance(expert_files, str):
+    expert_files = [expert_files]
+  if not expert_files:
+    raise ValueError("concatenate: no expert_files given")
+  paths = [resolve(p) for p in ([append_to] if append_to else []) + list(expert_files)]
+  loaded = []  # (path, metadata, tree)
+  for path in paths:
+    tree, metadata = load_moe(path)
+    loaded.append((path, metadata, tree))
+  for item in loaded[1:]:
+    _check_same(loaded[0], item)
+  entries, seen = [], {}
+  for path, meta, _ in loaded:
+    for entry in meta["experts"]:
+      task = entry.get("task")
+      if task in seen:
+        source = entries[seen[task]]["source"]
+        raise ValueError(f"task {task!r} of {path} is already expert {seen[task]} (from {source}); one expert per task")
+      seen[task] = len(entries)
+      entries.append(entry)
+  stacked = ex.stack([tree for _, _, tree in loaded], [path for path, _, _ in loaded])
+  first = loaded[0][1]
+  metadata = {"base_model": first.get("base_model"), "fingerprint": first["fingerprint"], "modules": first["modules"],
+              "rank": first["rank"], "num_experts": len(entries), "experts": entries}
+  ckpt.save_experts(output, stacked, metadata)
+  return output

@@ -1,0 +1,84 @@
+"""Retrieval routing: send each example to the expert whose stored training inputs it most resembles.
+
+The index keeps up to `max_per_expert` embedded inputs per expert; an example goes to the expert holding its most
+cosine-similar stored input (max over that expert's examples, argmax over experts). The ids it returns are
+`routing_ids` for the model call with the `Fixed()` router. The embedding is pluggable; the default embeds with
+the backbone itself (mean of its final encoder states over real tokens), so it runs offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.models.config import T5Config
+from moe_jax.models.t5 import Transformer
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]  # token batch [B, L] int -> embeddings [B, D] float
+
+
+def encoder_mean_embedder(config: T5Config, backbone: Any) -> EmbedFn:
+  """Embed a token batch as the mean of the backbone's final encoder states over real tokens (ids > 0)."""
+  model = Transformer(config)
+
+  @jax.jit
+  def embed(params, tokens):
+    states = model.apply({"params": params}, tokens, method=Transformer.encode).astype(jnp.float32)
+    mask = (tokens > 0).astype(jnp.float32)
+    total = jnp.einsum("bld,bl->bd", states, mask, precision=jax.lax.Precision.HIGHEST)
+    return total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+
+  return lambda tokens: np.asarray(embed(backbone, np.asarray(tokens)))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalIndex:
+  """Unit-norm stored embeddings [M, D] with the expert id of each row [M] (rows grouped by expert, in order)."""
+
+  embed_fn: EmbedFn
+  embeddings: np.ndarray
+  expert_ids: np.ndarray
+  num_experts: int
+
+  @classmethod
+  def build(cls, embed_fn: EmbedFn, per_expert_inputs: Sequence[np.ndarray | Iterable[np.ndarray]],
+            max_per_expert: int = 1000) -> RetrievalIndex:
+    """Embed up to `max_per_expert` inputs of each expert. `per_expert_inputs[i]`: expert i's token batches (an
+    iterable of [B, L] arrays, or one [n, L] array)."""
+    rows, ids = [], []
+    for expert, inputs in enumerate(per_expert_inputs):
+      batches = [inputs] if isinstance(inputs, np.ndarray) else inputs
+      kept = 0
+      for tokens in batches:
+        if kept >= max_per_expert:
+          break
+        tokens = np.asarray(tokens)[:max_per_expert - kept]
+        rows.append(_unit(embed_fn(tokens)))
+        kept += len(tokens)
+      if kept == 0:
+        raise ValueError(f"RetrievalIndex.build: expert {expert} has no inputs")
+      ids.append(np.full((kept,), expert, np.int32))
+    return cls(embed_fn, np.concatenate(rows), np.concatenate(ids), len(per_expert_inputs))
+
+  def similarities(self, embeddings: np.ndarray) -> np.ndarray:
+    """[Q, N]: per query, the highest cosine similarity to any stored input of each expert."""
+    cosine = _unit(embeddings) @ self.embeddings.T
+    return np.stack([cosine[:, self.expert_ids == e].max(axis=1) for e in range(self.num_experts)], axis=1)
+
+  def route(self, embeddings: np.ndarray) -> np.ndarray:
+    """Expert id [Q] int32 per query embedding (ties: the lower id)."""
+    return np.argmax(self.similarities(embeddings), axis=1).astype(np.int32)
+
+  def route_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    """`route` of a token batch embedded with this index's `embed_fn`: the model call's `routing_ids`."""
+    return self.route(self.embed_fn(tokens))
