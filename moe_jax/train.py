@@ -1,26 +1,35 @@
-"""Train one stage: `python -m moe_jax.train --gin_file=gin/expert.gin [--gin.train.total_steps=10 ...]`.
+"""Train: `python -m moe_jax.train --gin_file=gin/expert.gin [--gin.train.total_steps=10 ...]`.
 
-The gin files choose the stage (multitask, expert, gate), model, data and hyper-parameters; see
-`moe_jax.training.loop.train` for every binding. Set MOE_JAX_DEBUG=1 to see full tracebacks of input errors.
+By default this trains one stage (`moe_jax.training.loop.train`: multitask, expert or gate, chosen by the gin
+files); a gin file may bind `job.fn` to a whole pipeline instead (`gin/phatgoose.gin`). Set MOE_JAX_DEBUG=1 to see
+full tracebacks of input errors.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import gin
 
 from moe_jax import gin_utils
 from moe_jax.data import pipeline  # noqa: F401  (registers the data configurables before gin locks)
+from moe_jax.methods import pipeline as phatgoose_pipeline  # noqa: F401  (registers the pipeline job)
 from moe_jax.training import loop
+
+
+@gin.configurable
+def job(fn: Callable[..., str] | None = None, gin_config_str: str = "") -> str:
+  """What `python -m moe_jax.train` runs: one training stage unless a gin file binds `job.fn`."""
+  return (fn or loop.train)(gin_config_str=gin_config_str)
 
 
 def main(argv: list[str]) -> None:
   args = gin_utils.parse_flags(argv, __doc__)
   gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
   try:
-    product = loop.train(gin_config_str=gin.config_str())
+    product = job(gin_config_str=gin.config_str())
   except (FileNotFoundError, ValueError) as e:
     if os.environ.get("MOE_JAX_DEBUG"):
       raise

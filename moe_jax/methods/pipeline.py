@@ -1,0 +1,208 @@
+"""The whole PHATGOOSE pipeline as one gin job: multitask backbone -> one expert per task -> its gate ->
+concatenation -> every routing/merging method evaluated on the same experts -> `results.md` and `routing.png`.
+
+`python -m moe_jax.train --gin_file=gin/phatgoose.gin` runs it; each stage is skipped when its product exists, so
+an interrupted pipeline picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+
+from moe_jax.evaluation.scoring import pad_tokens
+from moe_jax.methods import average_activation, merged, retrieval
+from moe_jax.methods.concatenate import concatenate
+from moe_jax.methods.routing import routing_shares
+from moe_jax.models import experts as ex
+from moe_jax.models.config import ExpertConfig, T5Config
+from moe_jax.models.routers import Fixed, Phatgoose, Uniform
+from moe_jax.models.t5 import Transformer
+from moe_jax.plots import plot_routing
+from moe_jax.training import checkpointing as ckpt
+from moe_jax.training import loop
+from moe_jax.training import partitioning as part
+
+METHODS = ("multitask", "merged", "uniform", "phatgoose", "average_activation", "retrieval", "oracle")
+
+
+@dataclasses.dataclass
+class Method:
+  """What one method evaluates: a model, its parameters and, for per-example routing, the routing ids."""
+
+  model: Transformer
+  params: Any
+  routing_ids_fn: Callable[[str, Sequence[dict]], Sequence[int]] | None = None
+
+
+def skill_of(task: str) -> str:
+  return task.removesuffix("_heldout")
+
+
+@gin.configurable(denylist=["gin_config_str"])
+def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthetic_heldin",
+                       expert_tasks: Sequence[str] | None = None, eval_tasks: Sequence[str] | None = None,
+                       methods: Sequence[str] = METHODS, top_k: int = 2, multitask_steps: int = 1000,
+                       expert_steps: int = 1000, gate_steps: int = 100, eval_split: str = "validation",
+                       max_eval_examples: int | None = 200, activation_examples: int = 1000,
+                       retrieval_examples: int = 1000, eval_batch_size: int = 32,
+                       feature_lengths: Mapping[str, int] | None = None, model_config: T5Config | None = None,
+                       experts: ExpertConfig | None = None, gin_config_str: str = "") -> str:
+  """Run every stage under `run_dir` and return the path of `results.md`.
+
+  Defaults for the built-in synthetic tasks: one expert per `tasks.synthetic.EXPERT_TASKS` (held-in templates),
+  evaluated on those tasks and on their held-out templates.
+  """
+  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f"phatgoose_pipeline.methods: unknown {unknown}; expected some of {METHODS}")
+  config = model_config or T5Config()
+  expert_tasks = list(expert_tasks or synthetic.EXPERT_TASKS)
+  eval_tasks = list(eval_tasks or [*expert_tasks, *synthetic.HELDOUT_TASKS])
+  lengths = dict(feature_lengths or synthetic.FEATURE_LENGTHS)
+  common = dict(model_config=config, feature_lengths=lengths)
+  os.makedirs(run_dir, exist_ok=True)
+  if gin_config_str and jax.process_index() == 0:
+    with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
+      f.write(gin_config_str)
+
+  backbone_dir = os.path.join(run_dir, "multitask")
+  loop.train(model_dir=backbone_dir, mixture_or_task_name=base_mixture, stage="multitask",
+             total_steps=multitask_steps, **common)
+  gate_files = []
+  for task in expert_tasks:
+    expert_dir = os.path.join(run_dir, "experts", task)
+    loop.train(model_dir=expert_dir, mixture_or_task_name=task, stage="expert", total_steps=expert_steps,
+               init_from=backbone_dir, experts=experts, **common)
+    gate_files.append(loop.train(model_dir=os.path.join(run_dir, "gates", task), mixture_or_task_name=task,
+                                 stage="gate", total_steps=gate_steps, init_from=backbone_dir,
+                                 expert_from=expert_dir, experts=experts, **common))
+
+  moe_file = os.path.join(run_dir, "moe.safetensors")
+  if not os.path.exists(moe_file):
+    concatenate(gate_files, moe_file)
+  return evaluate_methods(run_dir, config, backbone_dir, moe_file, expert_tasks, eval_tasks, methods, top_k,
+                          experts, eval_split, max_eval_examples, activation_examples, retrieval_examples,
+                          eval_batch_size, lengths)
+
+
+def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
+                  top_k: int, experts: ExpertConfig | None, activation_examples: int, retrieval_examples: int,
+                  lengths: Mapping[str, int]) -> dict[str, Method]:
+  """The model/params/routing of each method on the same backbone and experts."""
+  from moe_jax.data.pipeline import eval_examples, train_batches  # pylint: disable=g-import-not-at-top
+
+  num = len(expert_tasks)
+  layout = lambda router: dataclasses.replace(experts or ExpertConfig(), num_experts=num, router=router)
+  with_experts = ex.merge(backbone, moe_tree)
+  built: dict[str, Method] = {}
+  for name in names:
+    if name == "multitask":
+      built[name] = Method(Transformer(config), backbone)
+    elif name == "merged":
+      built[name] = Method(Transformer(config), merged.merge_into_backbone(backbone, moe_tree))
+    elif name == "uniform":
+      built[name] = Method(Transformer(config, layout(Uniform())), with_experts)
+    elif name == "phatgoose":
+      built[name] = Method(Transformer(config, layout(Phatgoose(k=top_k))), with_experts)
+    elif name == "average_activation":
+      batches = [train_batches(task, lengths, 32, seed=0) for task in expert_tasks]
+      routers = average_activation.average_activation_routers(config, backbone, moe_tree, batches,
+                                                              max_examples=activation_examples)
+      built[name] = Method(Transformer(config, layout(Phatgoose(k=top_k))), ex.merge(with_experts, routers))
+    elif name == "retrieval":
+      embed = _fixed_shape(retrieval.encoder_mean_embedder(config, backbone), lengths["inputs"])
+      stored = [embed.tokens(eval_examples(t, "train", lengths, retrieval_examples)) for t in expert_tasks]
+      index = retrieval.RetrievalIndex.build(embed, stored, max_per_expert=retrieval_examples)
+      route = lambda task, examples: index.route_tokens(embed.tokens(examples))
+      built[name] = Method(Transformer(config, layout(Fixed())), with_experts, route)
+    elif name == "oracle":
+      ids = lambda task, examples: [expert_tasks.index(skill_of(task))] * len(examples)
+      built[name] = Method(Transformer(config, layout(Fixed())), with_experts, ids)
+  return built
+
+
+class _fixed_shape:  # pylint: disable=invalid-name
+  """An embedding function called on fixed [batch, length] blocks (no recompiles for every query count)."""
+
+  def __init__(self, embed: Callable[[np.ndarray], np.ndarray], length: int, batch: int = 32):
+    self.embed, self.length, self.batch = embed, length, batch
+
+  def tokens(self, examples: Sequence[dict]) -> np.ndarray:
+    return pad_tokens([e["inputs"] for e in examples], self.length)
+
+  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    n = len(tokens)
+    padded = np.concatenate([tokens, np.repeat(tokens[:1], -n % self.batch, axis=0)])
+    return np.concatenate([self.embed(padded[i:i + self.batch]) for i in range(0, len(padded), self.batch)])[:n]
+
+
+def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file: str, expert_tasks: Sequence[str],
+                     eval_tasks: Sequence[str], methods: Sequence[str], top_k: int, experts: ExpertConfig | None,
+                     split: str, max_examples: int | None, activation_examples: int, retrieval_examples: int,
+                     batch_size: int, lengths: Mapping[str, int]) -> str:
+  """Evaluate every method on every task; write results.json, results.md and routing.png under `run_dir`."""
+  from moe_jax.evaluation.evaluate import evaluate_task  # pylint: disable=g-import-not-at-top
+
+  mesh, rules = part.make_mesh(), part.axis_rules()
+  shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
+  backbone = loop.load_backbone(backbone_dir, config, shardings, seed=0)
+  moe_tree, metadata = ckpt.load_experts(moe_file, config)
+  order = [e["task"] for e in metadata.get("experts", [])] or list(expert_tasks)
+  if order != list(expert_tasks):
+    raise ValueError(f"{moe_file} holds experts {order}, but the pipeline expects {list(expert_tasks)}")
+  built = build_methods(methods, config, backbone, moe_tree, expert_tasks, top_k, experts, activation_examples,
+                        retrieval_examples, lengths)
+  table: dict[str, dict[str, float]] = {}
+  with part.activate(mesh, rules):
+    for name, method in built.items():
+      table[name] = {}
+      for task in eval_tasks:
+        result = evaluate_task(method.model, method.params, task, split, batch_size, lengths, "rank",
+                               max_examples=max_examples, routing_ids_fn=method.routing_ids_fn)
+        table[name][task] = float(result["metrics"]["accuracy"])
+      print(f"{name}: mean accuracy {np.mean(list(table[name].values())):.2f}")
+  path = write_table(table, eval_tasks, run_dir)
+  if "phatgoose" in built:
+    shares = routing_shares(built["phatgoose"].model, built["phatgoose"].params, eval_tasks, split, lengths,
+                            max_examples)
+    np.savez(os.path.join(run_dir, "routing.npz"), tasks=np.array(eval_tasks), experts=np.array(expert_tasks),
+             **{k.replace("/", "."): v for k, v in shares.items()})
+    plot_routing(shares, list(eval_tasks), [t.removeprefix("synthetic_") for t in expert_tasks],
+                 os.path.join(run_dir, "routing.png"))
+  return path
+
+
+def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], run_dir: str) -> str:
+  """results.md (method x task accuracy, with held-in, held-out and overall means) and results.json."""
+  heldout = [t for t in tasks if t.endswith("_heldout")]
+  heldin = [t for t in tasks if t not in heldout]
+  groups = [("mean held-in", heldin), ("mean held-out", heldout), ("mean", list(tasks))]
+  groups = [(label, ts) for label, ts in groups if ts]
+  short = lambda t: t.removeprefix("synthetic_")
+  header = ["method", *map(short, tasks), *(label for label, _ in groups)]
+  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  summary = {}
+  for method, scores in table.items():
+    means = [float(np.mean([scores[t] for t in ts])) for _, ts in groups]
+    summary[method] = dict(zip((label for label, _ in groups), means))
+    cells = [method, *(f"{scores[t]:.1f}" for t in tasks), *(f"**{m:.1f}**" for m in means)]
+    rows.append("| " + " | ".join(cells) + " |")
+  text = "Rank-classification accuracy (%) per method and task.\n\n" + "\n".join(rows) + "\n"
+  path = os.path.join(run_dir, "results.md")
+  for name, content in (("results.md", text),
+                        ("results.json", json.dumps({"tasks": table, "summary": summary}, indent=2) + "\n")):
+    tmp = os.path.join(run_dir, f".{name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(content)
+    os.replace(tmp, os.path.join(run_dir, name))
+  return path

@@ -1,0 +1,82 @@
+"""Routing diagnostics: per expert module, the share of each task's tokens that the router sends to each expert.
+
+Routing decisions are recomputed from each module's input with the model's own router (a flax method
+interceptor, no hook in the model), counted over real tokens (encoder tokens for modules that read encoder
+positions, target positions otherwise), and reduced on device per batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.evaluation.scoring import pad_tokens
+from moe_jax.methods.average_activation import reads_encoder_positions
+from moe_jax.models.lora import Linear, has_experts, module_path
+from moe_jax.models.routers import Uniform
+from moe_jax.models.t5 import Transformer
+
+_COLLECTION = "routing_counts"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_counts(model: Transformer, params: Any, encoder_tokens: jax.Array, decoder_tokens: jax.Array,
+                  decoder_mask: jax.Array) -> dict[str, jax.Array]:
+  """{module path: tokens routed to each expert [E] (a token counts once per chosen expert)}."""
+  encoder_mask = (encoder_tokens > 0).astype(jnp.float32)
+  decoder_mask = decoder_mask.astype(jnp.float32)
+
+  def capture(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, Linear) and has_experts(module.experts,
+                                                                                        module_path(module)):
+      vectors = module.get_variable("params", "router")
+      router = module.experts.router or Uniform()
+      routing = router(args[0], vectors, args[1] if len(args) > 1 else None)
+      weights = routing.weights if routing.experts is None else jnp.sum(
+          jax.nn.one_hot(routing.experts, vectors.shape[0], dtype=jnp.float32), axis=-2)
+      if routing.experts is None:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+      mask = encoder_mask if reads_encoder_positions(module_path(module)) else decoder_mask
+      module.sow(_COLLECTION, "counts", jnp.einsum("ble,bl->e", weights, mask))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(capture):
+    _, state = model.apply({"params": params}, encoder_tokens, decoder_tokens, mutable=[_COLLECTION])
+  flat = flax.traverse_util.flatten_dict(state[_COLLECTION])
+  return {"/".join(key[:-1]): value[0] for key, value in flat.items()}
+
+
+def routing_shares(model: Transformer, params: Any, tasks: Sequence[str], split: str,
+                   feature_lengths: Mapping[str, int], max_examples: int | None = None,
+                   batch_size: int = 32) -> dict[str, np.ndarray]:
+  """{module path: [len(tasks), E] share of each task's tokens routed to each expert} on the tasks' `split`,
+  teacher-forced on the targets. Rows sum to k for top-k routers."""
+  from moe_jax.data.pipeline import eval_examples  # pylint: disable=g-import-not-at-top
+
+  shares: dict[str, list[np.ndarray]] = {}
+  for task in tasks:
+    examples = eval_examples(task, split, feature_lengths, max_examples)
+    inputs = pad_tokens([e["inputs"] for e in examples], feature_lengths["inputs"])
+    targets = pad_tokens([e["targets"] for e in examples], feature_lengths["targets"])
+    decoder_inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+    totals: dict[str, np.ndarray] = {}
+    tokens = {"encoder": 0.0, "decoder": 0.0}
+    for start in range(0, len(examples), batch_size):
+      rows = slice(start, start + batch_size)
+      counts = jax.device_get(_batch_counts(model, params, inputs[rows], decoder_inputs[rows], targets[rows] > 0))
+      for path, value in counts.items():
+        totals[path] = totals.get(path, 0.0) + np.asarray(value, np.float64)
+      tokens["encoder"] += float(np.sum(inputs[rows] > 0))
+      tokens["decoder"] += float(np.sum(targets[rows] > 0))
+    for path, value in totals.items():
+      side = "encoder" if reads_encoder_positions(path) else "decoder"
+      shares.setdefault(path, []).append(value / tokens[side])
+  return {path: np.stack(rows) for path, rows in shares.items()}
