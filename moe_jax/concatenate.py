@@ -7,10 +7,6 @@ Set MOE_JAX_DEBUG=1 to see full tracebacks of input errors.
 
 from __future__ import annotations
 
-import os
-import re
-import sys
-
 from moe_jax import gin_utils
 from moe_jax.methods import concatenate as concat
 
@@ -18,18 +14,7 @@ from moe_jax.methods import concatenate as concat
 def main(argv: list[str]) -> None:
   args = gin_utils.parse_flags(argv, __doc__)
   gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
-  try:
-    product = concat.concatenate()
-  except RuntimeError as e:  # gin: a gin.REQUIRED argument was not bound
-    if "Required bindings" not in str(e):
-      raise
-    raise gin_utils.GinError(f"gin configuration error: {' '.join(str(e).split())}") from None
-  except (FileNotFoundError, ValueError) as e:
-    if os.environ.get("MOE_JAX_DEBUG"):
-      raise
-    message = re.sub(r"\s*In call to configurable .*$", "", " ".join(str(e).split()))  # gin's suffix: noise here
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1) from None
+  product = gin_utils.run_job(concat.concatenate)
   print(f"done: {product}")
 
 

@@ -5,9 +5,6 @@ See `moe_jax.evaluation.runner.evaluate` for the bindings. Set MOE_JAX_DEBUG=1 f
 
 from __future__ import annotations
 
-import os
-import sys
-
 import gin
 
 from moe_jax import gin_utils
@@ -18,13 +15,7 @@ from moe_jax.evaluation import runner
 def main(argv: list[str]) -> None:
   args = gin_utils.parse_flags(argv, __doc__)
   gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
-  try:
-    metrics = runner.evaluate(gin_config_str=gin.config_str())
-  except (FileNotFoundError, ValueError) as e:
-    if os.environ.get("MOE_JAX_DEBUG"):
-      raise
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    raise SystemExit(1) from None
+  metrics = gin_utils.run_job(lambda: runner.evaluate(gin_config_str=gin.config_str()))
   print(f"evaluated {len(metrics)} task(s): see {gin.query_parameter('evaluate.output_dir')}/results.md")
 
 

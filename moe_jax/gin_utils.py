@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gin
 
@@ -75,6 +77,27 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
     message = " ".join(str(e).split())
     raise GinError(f"gin configuration error: {message}") from None
   gin.finalize()
+
+
+def run_job(job: Callable[[], Any]) -> Any:
+  """Call a configured job; an input error (missing file, mismatched checkpoint, bad value, unbound required
+  binding) becomes one line on stderr and exit status 1 (2 for configuration), unless MOE_JAX_DEBUG is set."""
+  try:
+    return job()
+  except RuntimeError as e:  # gin: a gin.REQUIRED argument was not bound
+    if "Required bindings" not in str(e):
+      raise
+    raise GinError(f"gin configuration error: {_one_line(e)}") from None
+  except (FileNotFoundError, ValueError) as e:
+    if os.environ.get("MOE_JAX_DEBUG"):
+      raise
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def _one_line(error: BaseException) -> str:
+  """The message without gin's "In call to configurable ..." trail, on one line."""
+  return re.sub(r"\s*In call to configurable .*$", "", " ".join(str(error).split()))
 
 
 def main_wrapper(main, argv: Sequence[str] | None = None) -> None:

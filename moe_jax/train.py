@@ -7,8 +7,6 @@ full tracebacks of input errors.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 
 import gin
@@ -28,13 +26,7 @@ def job(fn: Callable[..., str] | None = None, gin_config_str: str = "") -> str:
 def main(argv: list[str]) -> None:
   args = gin_utils.parse_flags(argv, __doc__)
   gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
-  try:
-    product = job(gin_config_str=gin.config_str())
-  except (FileNotFoundError, ValueError) as e:
-    if os.environ.get("MOE_JAX_DEBUG"):
-      raise
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    raise SystemExit(1) from None
+  product = gin_utils.run_job(lambda: job(gin_config_str=gin.config_str()))
   print(f"done: {product}")
 
 

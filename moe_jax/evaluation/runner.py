@@ -34,15 +34,14 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
 
 
 def load_expert_stack(paths: Sequence[str], config: T5Config) -> tuple[Any, list[dict[str, Any]]]:
-  """Expert files (or run dirs holding `expert.safetensors`) stacked in order on the expert axis, with metadata."""
+  """Expert or MoE files (or run dirs holding `expert.safetensors`) stacked in order on the expert axis, with
+  each file's metadata."""
   trees, metadata = [], []
   for path in paths:
     path = os.path.join(path, EXPERT_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(path):
       raise FileNotFoundError(f"expert file {path} does not exist")
     tree, meta = ckpt.load_experts(path, config)
-    if meta["num_experts"] != 1:
-      raise ValueError(f"expert file {path} holds {meta['num_experts']} experts; expected one per file")
     trees.append(tree)
     metadata.append(meta)
   return ex.stack(trees, [m.get("task") or p for m, p in zip(metadata, paths)]), metadata
@@ -54,16 +53,16 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
              expert_from: Sequence[str] = (), batch_size: int = 32, feature_lengths: Mapping[str, int] | None = None,
              mode: str = "auto", length_normalize: bool = True, max_examples: int | None = None,
              gin_config_str: str = "") -> dict[str, dict[str, float]]:
-  """Evaluate the backbone from `init_from`, with the experts of `expert_from` stacked in order and routed by
-  `experts.router` when given, on every task of `tasks` (mixtures expand to their tasks)."""
+  """Evaluate the backbone from `init_from`, with the experts of `expert_from` (expert or concatenated MoE files)
+  stacked in order and routed by `experts.router` when given, on every task of `tasks` (mixtures expand to their tasks)."""
   config = model_config or T5Config()
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone_shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
   params = load_backbone(init_from, config, backbone_shardings, seed=0)
   layout = None
   if expert_from:
-    stacked, _ = load_expert_stack(expert_from, config)
-    layout = dataclasses.replace(experts or ExpertConfig(), num_experts=len(expert_from))
+    stacked, metadata = load_expert_stack(expert_from, config)
+    layout = dataclasses.replace(experts or ExpertConfig(), num_experts=sum(m["num_experts"] for m in metadata))
     params = ex.merge(params, stacked)
   model = Transformer(config, layout)
   names = expand_tasks(tasks)
