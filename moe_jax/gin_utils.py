@@ -7,6 +7,7 @@ unknown configurable or a missing gin file ends the run with one clear line befo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -71,11 +72,16 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
   for folder in folders:
     gin.add_config_file_search_path(folder)
   files = [_resolve(f, folders) for f in gin_files]
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)  # gin logs an ERROR for every search-path miss of an include, found or not
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   except (ValueError, KeyError, IOError, SyntaxError, TypeError) as e:
     message = " ".join(str(e).split())
     raise GinError(f"gin configuration error: {message}") from None
+  finally:
+    root.setLevel(level)
   gin.finalize()
 
 
