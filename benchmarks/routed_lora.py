@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import statistics
 import time
 from typing import Any, Callable
@@ -25,15 +24,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+import common
 from moe_jax.models.attention import RelativePositionBias, resolve_impl
 from moe_jax.models.config import ExpertConfig, T5Config
+from moe_jax.models.experts import split
 from moe_jax.models.routed import DENSE_MAX_EXPERTS, IMPLS
 from moe_jax.models.routers import Phatgoose
 from moe_jax.models.t5 import EncoderLayer, Transformer
 
-EXPERT_LEAVES = ("lora_a", "lora_b", "router")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for a 2-core CPU (1+1 layers, one 256-token example); float32, as bf16 matmuls are slow on CPUs.
@@ -102,34 +101,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def random_params(bench: Bench, experts: ExpertConfig, cfg: T5Config, seed: int):
-  """Random parameters for `bench` with `experts`, made on device leaf by leaf (no full-model init to compile).
-
-  Kernels and LoRA factors are N(0, 1/fan_in) (queries also / sqrt(d_kv), as T5X folds the attention scale into
-  them), so activations stay O(1) through many layers; router vectors, embeddings and position biases N(0, 1).
-  """
-  shapes = jax.eval_shape(bench.make(experts).init, jax.random.key(0), *bench.inputs)
-  shapes = traverse_util.flatten_dict(nn.unbox(shapes))
-  key = jax.random.key(seed, impl="rbg")  # cheap to compile, unlike threefry at these sizes
-  params = {}
-  for i, (path, leaf) in enumerate(shapes.items()):
-    name = path[-1]
-    if name == "scale":
-      params[path] = jnp.ones(leaf.shape, leaf.dtype)
-      continue
-    fan_in = {"kernel": leaf.shape[0], "lora_a": leaf.shape[1], "lora_b": leaf.shape[1]}.get(name, 1)
-    std = fan_in**-0.5 / (cfg.d_kv**0.5 if "query" in path and name in ("kernel", "lora_a") else 1.0)
-    params[path] = _normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, std)
-  return traverse_util.unflatten_dict(params)
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "std"))
-def _normal(key, shape, dtype, std):
-  return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-def without_experts(params):
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] not in EXPERT_LEAVES})
+  return common.random_params(jax.eval_shape(bench.make(experts).init, jax.random.key(0), *bench.inputs), cfg.d_kv,
+                              seed)
 
 
 def make_benches(cfg: T5Config, batch: int, length: int, seed: int) -> list[Bench]:
@@ -191,7 +164,7 @@ def main():
                              args.seed + num_experts)
       inputs = bench.inputs
       if base_ms is None:  # the base shares the backbone parameters of the first E
-        base_ms = time_call(bench.jitted(None), (without_experts(params),) + inputs, args.warmup, args.repeats)
+        base_ms = time_call(bench.jitted(None), (split(params)[0],) + inputs, args.warmup, args.repeats)
         print_row([bench.name, "-", "-", "base", f"{base_ms:.2f}", "1.00"])
       for k in args.k:
         if k > num_experts:

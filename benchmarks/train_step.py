@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import statistics
 import time
@@ -53,6 +52,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
+import common
 from moe_jax.models.attention import resolve_impl
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.experts import split
@@ -130,28 +130,6 @@ def parse_args() -> argparse.Namespace:
   if args.repeats < 1:
     p.error("--repeats must be at least 1")
   return args
-
-
-def random_params(model: Transformer, seed: int) -> dict[str, Any]:
-  """Random parameters made on device leaf by leaf (no full-model init to compile): kernels and LoRA factors
-  N(0, 1/fan_in) (queries also / sqrt(d_kv)), so activations stay O(1); other leaves N(0, 1), scales 1."""
-  shapes = traverse_util.flatten_dict(nn.unbox(part.abstract_params(model)))
-  key = jax.random.key(seed, impl="rbg")  # cheap to compile, unlike threefry at these sizes
-  params = {}
-  for i, (path, leaf) in enumerate(shapes.items()):
-    name = path[-1]
-    if name == "scale":
-      params[path] = jnp.ones(leaf.shape, leaf.dtype)
-      continue
-    fan_in = {"kernel": leaf.shape[0], "lora_a": leaf.shape[1], "lora_b": leaf.shape[1]}.get(name, 1)
-    std = fan_in**-0.5 / (model.config.d_kv**0.5 if "query" in path and name in ("kernel", "lora_a") else 1.0)
-    params[path] = _normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, std)
-  return traverse_util.unflatten_dict(params)
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "std"))
-def _normal(key, shape, dtype, std):
-  return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def synthetic_batch(batch: int, inputs_length: int, targets_length: int, vocab_size: int,
@@ -236,7 +214,7 @@ def run_stage(stage: str, cfg: T5Config, args: argparse.Namespace, mesh: Mesh, r
   """Fresh state (same random backbone for both stages), compile, then time `stage`'s train step."""
   expert_model = Transformer(cfg, ExpertConfig(num_experts=1, rank=args.rank))
   model = expert_model if stage == "expert" else Transformer(cfg)
-  params = random_params(expert_model, args.seed)  # same backbone values for both stages
+  params = common.random_params(part.abstract_params(expert_model), cfg.d_kv, args.seed)  # same backbone values for both stages
   if stage == "multitask":
     params = split(params)[0]
   mask = jax.tree.leaves(trainable_mask(stage, params))

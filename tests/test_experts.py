@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.models import ExpertConfig, Fixed, Phatgoose, T5Config, Transformer
+from moe_jax.models import ExpertConfig, Phatgoose, T5Config, Transformer
 from moe_jax.models import experts as ex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
