@@ -22,6 +22,7 @@ setup(
         "gin-config>=0.5",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # The seqio data layer and t5's metric functions. t5 0.9.4 also pulls seqio-nightly and tfds-nightly, which
