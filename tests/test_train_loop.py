@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_to_identical_params(backbone_dir, tmp_path, mon
   monkeypatch.setattr(pipeline, "train_batches", crash_after_three)
   with pytest.raises(KeyboardInterrupt):
     _train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir))
-  assert not os.path.exists(tmp_path / "resumed" / loop.EXPERT_FILE)
+  assert not os.path.exists(tmp_path / "resumed" / ckpt.EXPERT_FILE)
   monkeypatch.setattr(pipeline, "train_batches", original)
   resumed = _flat(_train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir)))
   for key in reference:

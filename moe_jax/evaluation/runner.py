@@ -19,7 +19,7 @@ from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.t5 import Transformer
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import partitioning as part
-from moe_jax.training.loop import EXPERT_FILE, load_backbone
+from moe_jax.training.loop import load_backbone
 
 
 def expand_tasks(names: Sequence[str]) -> list[str]:
@@ -38,10 +38,7 @@ def load_expert_stack(paths: Sequence[str], config: T5Config) -> tuple[Any, list
   each file's metadata."""
   trees, metadata = [], []
   for path in paths:
-    path = os.path.join(path, EXPERT_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"expert file {path} does not exist")
-    tree, meta = ckpt.load_experts(path, config)
+    tree, meta = ckpt.load_experts(ckpt.expert_file(path), config)
     trees.append(tree)
     metadata.append(meta)
   return ex.stack(trees, [m.get("task") or p for m, p in zip(metadata, paths)]), metadata

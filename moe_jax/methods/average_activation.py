@@ -39,16 +39,6 @@ def reads_encoder_positions(path: str) -> bool:
   return _ENCODER_POSITIONS.fullmatch(path) is not None
 
 
-def expert_layout(expert_tree: Params) -> tuple[list[str], int, int]:
-  """(module paths, number of experts, rank) of an expert tree."""
-  flat = flax.traverse_util.flatten_dict(expert_tree)
-  modules = sorted("/".join(key[:-1]) for key in flat if key[-1] == "lora_a")
-  if not modules:
-    raise ValueError("the expert tree has no lora_a leaves")
-  num_experts, _, rank = flat[tuple(modules[0].split("/")) + ("lora_a",)].shape
-  return modules, int(num_experts), int(rank)
-
-
 @functools.lru_cache(maxsize=8)
 def _batch_sums_fn(config: T5Config, layout: ExpertConfig):
   """Jitted (params, batch arrays) -> {module path: (masked sum of its inputs [d_in] float32, count int32)}."""
@@ -82,7 +72,7 @@ def average_activations(config: T5Config, backbone: Params, expert_tree: Params,
 
   Merge it over the expert tree (`moe_jax.models.experts.merge`) to replace the expert's router vectors.
   """
-  modules, num_experts, rank = expert_layout(expert_tree)
+  modules, num_experts, rank = ex.layout(expert_tree)
   if num_experts != 1:
     raise ValueError(f"average_activations takes one expert, got {num_experts}; see average_activation_routers")
   layout = ExpertConfig(num_experts=1, rank=rank, modules="|".join(map(re.escape, modules)), router=Uniform())
@@ -116,7 +106,7 @@ def average_activation_routers(config: T5Config, backbone: Params, moe_tree: Par
   """Router tree {module path: {"router": [N, d_in]}} of an N-expert tree: expert i's vectors from
   `batches_per_expert[i]` (its own task's data) with expert i alone active. `ex.merge(moe_tree, result)` replaces
   the MoE tree's router leaves."""
-  _, num_experts, _ = expert_layout(moe_tree)
+  _, num_experts, _ = ex.layout(moe_tree)
   if len(batches_per_expert) != num_experts:
     raise ValueError(f"average_activation_routers: {len(batches_per_expert)} data sources for {num_experts} experts")
   flat = flax.traverse_util.flatten_dict(moe_tree)

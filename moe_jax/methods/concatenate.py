@@ -17,18 +17,9 @@ import gin
 
 from moe_jax.models import experts as ex
 from moe_jax.training import checkpointing as ckpt
-from moe_jax.training.loop import EXPERT_FILE
 
 # Metadata that every expert of one MoE file must share (they run on one backbone, in one module layout).
 _SHARED = ("fingerprint", "modules", "rank")
-
-
-def resolve(path: str) -> str:
-  """An expert file, or the `expert.safetensors` of a run directory; raises FileNotFoundError naming it."""
-  path = os.path.join(path, EXPERT_FILE) if os.path.isdir(path) else path
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"expert file {path} does not exist")
-  return path
 
 
 def expert_entries(metadata: dict[str, Any], source: str) -> list[dict[str, Any]]:
@@ -43,7 +34,7 @@ def expert_entries(metadata: dict[str, Any], source: str) -> list[dict[str, Any]
 
 def load_moe(path: str, config: Any = None) -> tuple[Any, dict[str, Any]]:
   """(expert tree, metadata) of a single-expert or MoE file, metadata always carrying the `experts` list."""
-  path = resolve(path)
+  path = ckpt.expert_file(path)
   tree, metadata = ckpt.load_experts(path, config)
   return tree, {**metadata, "experts": expert_entries(metadata, path)}
 
@@ -78,7 +69,7 @@ def concatenate(expert_files: Sequence[str] = gin.REQUIRED, output: str = gin.RE
     expert_files = [expert_files]
   if not expert_files:
     raise ValueError("concatenate: no expert_files given")
-  paths = [resolve(p) for p in ([append_to] if append_to else []) + list(expert_files)]
+  paths = [ckpt.expert_file(p) for p in ([append_to] if append_to else []) + list(expert_files)]
   loaded = []  # (path, metadata, tree)
   for path in paths:
     tree, metadata = load_moe(path)

@@ -27,6 +27,28 @@ def is_expert_param(path: tuple[str, ...]) -> bool:
   return path[-1] in EXPERT_PARAMS
 
 
+def layout(expert_tree: Params) -> tuple[list[str], int, int]:
+  """(sorted module paths, number of experts, rank) of a tree holding expert leaves."""
+  flat = flax.traverse_util.flatten_dict(expert_tree)
+  modules = sorted("/".join(key[:-1]) for key in flat if key[-1] == "lora_a")
+  if not modules:
+    raise ValueError("the tree has no lora_a leaves")
+  num_experts, _, rank = flat[tuple(modules[0].split("/")) + ("lora_a",)].shape
+  return modules, int(num_experts), int(rank)
+
+
+def first_mismatch(found: Params, expected: Params, skip_leading: bool = False) -> tuple[str, Any, Any] | None:
+  """(path, found shape, expected shape) of the first leaf, in path order, that is absent on one side ("absent")
+  or shaped differently; None if the trees fit. `skip_leading` ignores the first (expert) axis."""
+  found, expected = flax.traverse_util.flatten_dict(found), flax.traverse_util.flatten_dict(expected)
+  shape = lambda tree, key: "absent" if key not in tree else tuple(tree[key].shape)
+  for key in sorted(set(found) | set(expected)):
+    a, b = shape(found, key), shape(expected, key)
+    if a == "absent" or b == "absent" or (a[1:] != b[1:] if skip_leading else a != b):
+      return "/".join(key), a, b
+  return None
+
+
 def split(params: Params) -> tuple[Params, Params]:
   """(backbone, experts) of a full parameter tree."""
   flat = flax.traverse_util.flatten_dict(params)
@@ -36,7 +58,7 @@ def split(params: Params) -> tuple[Params, Params]:
 
 
 def merge(backbone: Params, experts: Params) -> Params:
-  """Inverse of `split`."""
+  """`backbone` with the leaves of `experts` added or replaced (the inverse of `split`; any two subtrees)."""
   flat = flax.traverse_util.flatten_dict(backbone)
   flat.update(flax.traverse_util.flatten_dict(experts))
   return flax.traverse_util.unflatten_dict(flat)
@@ -59,18 +81,14 @@ def add_experts(backbone: Params, config: T5Config, experts: ExpertConfig, rng: 
 
   Raises ValueError if the backbone already carries expert parameters or does not fit `config`.
   """
-  flat = flax.traverse_util.flatten_dict(backbone)
-  if any(is_expert_param(k) for k in flat):
+  if any(is_expert_param(k) for k in flax.traverse_util.flatten_dict(backbone)):
     raise ValueError("add_experts: the backbone tree already has expert parameters; use `split` first")
   tokens = jnp.ones((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens)))
-  expected = flax.traverse_util.flatten_dict(shapes["params"])
-  for key in sorted(set(expected) | set(flat)):
-    if key not in flat or key not in expected or tuple(flat[key].shape) != tuple(expected[key].shape):
-      found = tuple(flat[key].shape) if key in flat else "absent"
-      want = tuple(expected[key].shape) if key in expected else "absent"
-      raise ValueError(f"add_experts: backbone parameter {'/'.join(key)} is {found}, but {config.name} expects "
-                       f"{want}")
+  mismatch = first_mismatch(backbone, shapes["params"])
+  if mismatch:
+    path, found, want = mismatch
+    raise ValueError(f"add_experts: backbone parameter {path} is {found}, but {config.name} expects {want}")
   return merge(backbone, init_experts(config, experts, rng))
 
 
@@ -79,13 +97,11 @@ def stack(trees: Sequence[Params], names: Sequence[str]) -> Params:
   i-th tree). All trees must cover the same modules with the same shapes; the error names the odd one out."""
   if not trees:
     raise ValueError("stack: no expert trees given")
+  for name, tree in zip(names[1:], trees[1:]):
+    mismatch = first_mismatch(tree, trees[0], skip_leading=True)
+    if mismatch:
+      raise ValueError(f"expert {name!r} does not match expert {names[0]!r} at {mismatch[0]}: {mismatch[1]} vs "
+                       f"{mismatch[2]}")
   flats = [flax.traverse_util.flatten_dict(t) for t in trees]
-  first = flats[0]
-  for name, flat in zip(names[1:], flats[1:]):
-    for key in sorted(set(first) | set(flat)):
-      if key not in flat or key not in first or tuple(flat[key].shape[1:]) != tuple(first[key].shape[1:]):
-        found = tuple(flat[key].shape) if key in flat else "absent"
-        want = tuple(first[key].shape) if key in first else "absent"
-        raise ValueError(f"expert {name!r} does not match expert {names[0]!r} at {'/'.join(key)}: {found} vs {want}")
   return flax.traverse_util.unflatten_dict(
-      {key: np.concatenate([np.asarray(flat[key]) for flat in flats], axis=0) for key in first})
+      {key: np.concatenate([np.asarray(flat[key]) for flat in flats], axis=0) for key in flats[0]})

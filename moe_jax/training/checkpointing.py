@@ -31,6 +31,7 @@ from moe_jax.training import optimizer as opt
 from moe_jax.training.train_step import TrainState
 
 _ITEMS = ("trainable", "opt_state", "data_position", "metadata")
+EXPERT_FILE = "expert.safetensors"  # an expert or gate run's product, inside its model_dir
 # Metadata that must match for a checkpoint to restore into this run, besides the fingerprint (the task may differ).
 _MUST_MATCH = ("stage", "expert_modules", "rank", "num_experts")
 _EXPERT_METADATA_KEY = "moe_jax_experts"
@@ -111,7 +112,7 @@ class Checkpointer:
         opt_state=ocp.args.StandardRestore(_abstract(template.opt_state)),
         data_position=ocp.args.JsonRestore()))
     step_array = jax.device_put(np.asarray(step, np.int32), template.step.sharding)
-    state = TrainState(step_array, opt.combine(restored["trainable"], frozen), restored["opt_state"])
+    state = TrainState(step_array, ex.merge(frozen, restored["trainable"]), restored["opt_state"])
     return state, int(restored["data_position"]["data_position"])
 
   def wait(self) -> None:
@@ -124,13 +125,19 @@ class Checkpointer:
 
 def expert_metadata(params: Any, config: T5Config, task: str, **extra: Any) -> dict[str, Any]:
   """Metadata of the expert leaves of `params`: base model, module paths, rank and expert count (from the arrays)."""
-  _, experts = ex.split(params)
-  modules = sorted("/".join(path[:-1]) for path in flax.traverse_util.flatten_dict(experts) if path[-1] == "lora_a")
-  if not modules:
-    raise ValueError("expert_metadata: the tree has no lora_a leaves")
-  num_experts, _, rank = flax.traverse_util.flatten_dict(experts)[tuple(modules[0].split("/")) + ("lora_a",)].shape
-  return {"base_model": config.name, "fingerprint": config.fingerprint(), "modules": modules, "rank": int(rank),
-          "num_experts": int(num_experts), "task": task, **extra}
+  modules, num_experts, rank = ex.layout(ex.split(params)[1])
+  return {"base_model": config.name, "fingerprint": config.fingerprint(), "modules": modules, "rank": rank,
+          "num_experts": num_experts, "task": task, **extra}
+
+
+def expert_file(path: str | os.PathLike) -> str:
+  """An expert file, or the `expert.safetensors` of a run directory; FileNotFoundError naming what was looked for."""
+  path = os.fspath(path)
+  path = os.path.join(path, EXPERT_FILE) if os.path.isdir(path) else path
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"expert file {path} does not exist (expected an expert/gate run's model_dir or its "
+                            f"{EXPERT_FILE})")
+  return path
 
 
 def save_experts(path: str | os.PathLike, params: Any, metadata: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import flax
 import flax.linen as nn
 import gin
 import jax
@@ -37,13 +36,12 @@ from moe_jax.training.metrics import MetricsWriter
 from moe_jax.training.train_step import create_train_state, make_train_step
 
 BACKBONE_DIR = "backbone"
-EXPERT_FILE = "expert.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 
 
 def stage_product(model_dir: str, stage: str) -> str:
   """Where a finished stage's product lives."""
-  return os.path.join(model_dir, BACKBONE_DIR if stage == "multitask" else EXPERT_FILE)
+  return os.path.join(model_dir, BACKBONE_DIR if stage == "multitask" else ckpt.EXPERT_FILE)
 
 
 def stage_experts(stage: str, experts: ExpertConfig | None) -> ExpertConfig | None:
@@ -99,19 +97,16 @@ def restore_backbone(directory: str, config: T5Config, shardings: Any) -> Any:
 
 def load_expert_file(path: str, config: T5Config, experts: ExpertConfig) -> Any:
   """Expert leaves from an expert stage's file, checked against the backbone and the configured modules."""
-  if os.path.isdir(path):
-    path = os.path.join(path, EXPERT_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"expert file {path} does not exist: run the expert stage first (expert_from=...)")
+  try:
+    path = ckpt.expert_file(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}: run the expert stage first (train.expert_from)") from None
   params, metadata = ckpt.load_experts(path, config)
-  expected = flax.traverse_util.flatten_dict(jax.eval_shape(lambda: ex.init_experts(config, experts,
-                                                                                    jax.random.PRNGKey(0))))
-  found = flax.traverse_util.flatten_dict(params)
-  for key in sorted(set(expected) | set(found)):
-    if key not in found or key not in expected or tuple(found[key].shape) != tuple(expected[key].shape):
-      raise ValueError(f"expert file {path} (task {metadata.get('task')!r}) does not fit this model at "
-                       f"{'/'.join(key)}: found {getattr(found.get(key), 'shape', 'nothing')}, expected "
-                       f"{getattr(expected.get(key), 'shape', 'nothing')}")
+  expected = jax.eval_shape(lambda: ex.init_experts(config, experts, jax.random.PRNGKey(0)))
+  mismatch = ex.first_mismatch(params, expected)
+  if mismatch:
+    raise ValueError(f"expert file {path} (task {metadata.get('task')!r}) does not fit this model at {mismatch[0]}: "
+                     f"found {mismatch[1]}, expected {mismatch[2]}")
   return params
 
 

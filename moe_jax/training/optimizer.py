@@ -39,17 +39,10 @@ def trainable_mask(stage: str, params: Any) -> Any:
 
 
 def partition(params: Any, mask: Any) -> tuple[Any, Any]:
-  """(trainable, frozen) subtrees of a parameter dict, by `mask`."""
+  """(trainable, frozen) subtrees of a parameter dict, by `mask`; `experts.merge(frozen, trainable)` inverts it."""
   flat, flat_mask = flax.traverse_util.flatten_dict(params), flax.traverse_util.flatten_dict(mask)
   pick = lambda keep: flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if flat_mask[k] == keep})
   return pick(True), pick(False)
-
-
-def combine(trainable: Any, frozen: Any) -> Any:
-  """Inverse of `partition`."""
-  flat = flax.traverse_util.flatten_dict(frozen)
-  flat.update(flax.traverse_util.flatten_dict(trainable))
-  return flax.traverse_util.unflatten_dict(flat)
 
 
 def warmup_steps(warmup_fraction: float, total_steps: int) -> int:

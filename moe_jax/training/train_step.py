@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from moe_jax.models import experts as ex
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
 
@@ -113,7 +114,7 @@ def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, sta
     normalizer = _normalizer(weight_sum)
 
     def loss_fn(trainable, micro, index):
-      loss_sum, _ = _loss_sum(model, opt.combine(trainable, frozen), micro, z_loss, jax.random.fold_in(rng, index))
+      loss_sum, _ = _loss_sum(model, ex.merge(frozen, trainable), micro, z_loss, jax.random.fold_in(rng, index))
       return loss_sum / normalizer
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -129,10 +130,10 @@ def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, sta
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, xs)
 
     # Frozen leaves get zero "gradients" that `set_to_zero` ignores; XLA drops them and the frozen updates.
-    full_grads = opt.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+    full_grads = ex.merge(jax.tree.map(jnp.zeros_like, frozen), grads)
     updates, opt_state = optimizer.update(full_grads, state.opt_state, state.params)
     updated, _ = opt.partition(optax.apply_updates(state.params, updates), mask)
-    new_state = TrainState(state.step + 1, opt.combine(updated, frozen), opt_state)
+    new_state = TrainState(state.step + 1, ex.merge(frozen, updated), opt_state)
     metrics = {"loss": loss, "weight_sum": weight_sum, "grad_norm": optax.tree.norm(grads)}
     learning_rate = opt.current_learning_rate(opt_state)
     if learning_rate is not None:
