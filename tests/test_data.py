@@ -101,14 +101,15 @@ def test_train_batches_packing_and_shards():
     pipeline.train_batches("synthetic_reverse", LENGTHS, 8, shard_index=2, num_shards=2)
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"synthetic_reverse.*import tasks"):
     pipeline.train_batches("synthetic_revers", LENGTHS, 4)
   with pytest.raises(ValueError, match="Mixture"):
     pipeline.eval_examples("synthetic_heldout")
   missing_dir = str(tmp_path / "no_such_dir")
+  monkeypatch.setenv("MOE_JAX_DATA_DIR", missing_dir)
   with pytest.raises(FileNotFoundError, match=missing_dir):
-    pipeline.train_batches("synthetic_reverse", LENGTHS, 4, data_dir=missing_dir)
+    pipeline.train_batches("synthetic_reverse", LENGTHS, 4)
   missing_model = str(tmp_path / "spm.model")
   with pytest.raises(FileNotFoundError, match=missing_model):
     get_vocabulary("sentencepiece", missing_model)

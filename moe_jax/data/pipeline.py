@@ -1,20 +1,26 @@
 """Training batches and evaluation examples from registered seqio Tasks and Mixtures.
 
-Tasks are registered by importing the module that defines them (`import tasks` for the built-in synthetic ones)
-before any name is looked up here. A data directory (TFDS data and seqio caches) is gin-configurable through the
-`data_dir` arguments, e.g. `DATA_DIR = '/data'` with `train_batches.data_dir = %DATA_DIR`.
+Tasks are registered by importing the module that defines them (`import tasks`) before any name is looked up
+here. Sources whose tasks depend on files under the data root (P3's templates) register a *lazy registrar*: the
+first lookup of a name it claims registers its tasks from `files.data_root()` (the DATA_DIR gin macro), which
+gin has bound by then. A source's row checks (`row_check`) raise inside tf.data; the iterators here turn them into
+one `MalformedRowError` naming the file and row.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import re
+from collections.abc import Callable, Iterable
 from typing import Any, Iterator, Mapping
 
 import gin
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from moe_jax.data import files
 
 
 class _QuietInMemorySources(logging.Filter):
@@ -27,10 +33,37 @@ class _QuietInMemorySources(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietInMemorySources())
 
 
+# Called with a name not (yet) registered; returns True if it registered that name.
+LAZY_REGISTRARS: list[Callable[[str], bool]] = []
+_BAD_ROW = ("<<moe_jax bad row: ", " >>")
+
+
+def row_check(ok: tf.Tensor, path: tf.Tensor, row: tf.Tensor, problem: str) -> tf.Operation:
+  """A tf.data assertion that, when it fails, surfaces from `train_batches`/`eval_examples` as
+  `MalformedRowError(path, row, problem)` rather than a TensorFlow stack trace."""
+  message = tf.strings.join([_BAD_ROW[0], path, "|", tf.strings.as_string(row), "|", problem, _BAD_ROW[1]])
+  return tf.debugging.Assert(ok, [message])
+
+
+def readable(iterator: Iterable[Any]) -> Iterator[Any]:
+  """Re-raise `row_check` failures (and errors a source raised in Python) as the `files` errors they are."""
+  pattern = re.escape(_BAD_ROW[0]) + r"(.*?)\|(\d+)\|(.*?)" + re.escape(_BAD_ROW[1])
+  try:
+    yield from iterator
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+    found = re.search(pattern, str(e), re.S)
+    if found:
+      raise files.MalformedRowError(found[1], int(found[2]), found[3].replace("\\'", "'")) from None
+    python_error = re.search(r"MalformedRowError: (.*?)(?:\n|$)", str(e))  # raised in a source's generator
+    if python_error:
+      raise ValueError(python_error[1]) from None
+    raise
+
+
 def get_provider(name: str) -> seqio.Task | seqio.Mixture:
   """The registered Task or Mixture called `name`; otherwise one error naming close matches and the likely fix."""
   tasks, mixtures = set(seqio.TaskRegistry.names()), set(seqio.MixtureRegistry.names())
-  if name in tasks or name in mixtures:
+  if name in tasks or name in mixtures or any(registrar(name) for registrar in LAZY_REGISTRARS):
     return seqio.get_mixture_or_task(name)
   close = difflib.get_close_matches(name, sorted(tasks | mixtures), n=5, cutoff=0.6)
   hint = f" Close names: {', '.join(close)}." if close else ""
@@ -40,21 +73,22 @@ def get_provider(name: str) -> seqio.Task | seqio.Mixture:
       " tasks, or add that module to the gin imports.")
 
 
-def _use_data_dir(data_dir: str | None) -> None:
-  """Point TFDS and seqio's caches at `data_dir`, failing clearly if it does not exist."""
-  if data_dir is None:
+def _use_data_root() -> None:
+  """Point TFDS and seqio's caches at the data root, failing clearly if it is set but does not exist."""
+  root = files.data_root()
+  if root is None:
     return
-  if not tf.io.gfile.isdir(data_dir):
-    raise FileNotFoundError(f"Data directory {data_dir!r} does not exist (set by the DATA_DIR gin macro or a "
-                            "`data_dir` argument); the built-in synthetic tasks need none: leave it unset")
-  seqio.set_tfds_data_dir_override(data_dir)
-  seqio.add_global_cache_dirs([data_dir])
+  if not tf.io.gfile.isdir(root):
+    raise FileNotFoundError(f"Data directory {root!r} does not exist (set by the DATA_DIR gin macro or "
+                            f"${files.ENV_VAR}); the built-in synthetic tasks need none: leave it unset")
+  seqio.set_tfds_data_dir_override(root)
+  seqio.add_global_cache_dirs([root])
 
 
 @gin.configurable
 def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batch_size: int, seed: int = 42,
-                  start_batch: int = 0, shard_index: int = 0, num_shards: int = 1, pack: bool = False,
-                  data_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  start_batch: int = 0, shard_index: int = 0, num_shards: int = 1,
+                  pack: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches of the train split: shuffled with `seed`, repeated, batched, as NumPy int32 arrays.
 
   Keys: encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights, each
@@ -66,7 +100,7 @@ def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batc
   """
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
-  _use_data_dir(data_dir)
+  _use_data_root()
   ds = seqio.get_dataset(
       get_provider(mixture_or_task),
       task_feature_lengths=dict(feature_lengths),
@@ -78,7 +112,7 @@ def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batc
       seed=seed,
       batch_size=batch_size,
       verbose=False)
-  return ds.skip(start_batch).as_numpy_iterator()
+  return readable(ds.skip(start_batch).as_numpy_iterator())
 
 
 def _with_eos(tokens: list[int], eos_id: int, max_length: int | None) -> np.ndarray:
@@ -88,16 +122,22 @@ def _with_eos(tokens: list[int], eos_id: int, max_length: int | None) -> np.ndar
   return np.asarray(tokens + [eos_id], np.int32)
 
 
+# Per-example fields a source may add for evaluation: strings or lists of strings, decoded and passed through.
+EXTRA_FIELDS = ("correct_choices", "references")
+
+
 @gin.configurable
 def eval_examples(task_name: str, split: str = "validation", feature_lengths: Mapping[str, int] | None = None,
-                  max_examples: int | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
+                  max_examples: int | None = None) -> list[dict[str, Any]]:
   """A task's examples in order, tokenized and truncated as for training (EOS kept), not padded.
 
   Each example has `inputs` and `targets` (int32, ending in EOS), `inputs_pretokenized` and `targets_pretokenized`
   (str) and, when the task provides `answer_choices`, those strings and `answer_choice_tokens` (one int32 array per
-  choice, tokenized like `targets`). `feature_lengths=None` truncates nothing.
+  choice, tokenized like `targets`). `correct_choices` (rank classification with several right answers) and
+  `references` (generation with several acceptable answers) pass through when the source gives them.
+  `feature_lengths=None` truncates nothing.
   """
-  _use_data_dir(data_dir)
+  _use_data_root()
   task = get_provider(task_name)
   if not isinstance(task, seqio.Task):
     raise ValueError(f"{task_name!r} is a Mixture; evaluate its tasks one by one: {[t.name for t in task.tasks]}")
@@ -109,18 +149,23 @@ def eval_examples(task_name: str, split: str = "validation", feature_lengths: Ma
     ds = ds.take(max_examples)
   vocab = task.output_features["targets"].vocabulary
   max_target = None if feature_lengths is None else feature_lengths["targets"]
+  decode = lambda b: b.decode("utf-8")
   examples = []
-  for ex in ds.as_numpy_iterator():
+  for ex in readable(ds.as_numpy_iterator()):
     example = {
         "inputs": ex["inputs"].astype(np.int32),
         "targets": ex["targets"].astype(np.int32),
-        "inputs_pretokenized": ex["inputs_pretokenized"].decode("utf-8"),
-        "targets_pretokenized": ex["targets_pretokenized"].decode("utf-8"),
+        "inputs_pretokenized": decode(ex["inputs_pretokenized"]),
+        "targets_pretokenized": decode(ex["targets_pretokenized"]),
     }
     if "answer_choices" in ex:
-      choices = [c.decode("utf-8") for c in ex["answer_choices"]]
+      choices = [decode(c) for c in ex["answer_choices"]]
       example["answer_choices"] = choices
       example["answer_choice_tokens"] = [_with_eos(list(vocab.encode(c)), vocab.eos_id, max_target)
                                          for c in choices]
+    for field in EXTRA_FIELDS:
+      if field in ex:
+        value = ex[field]
+        example[field] = decode(value) if isinstance(value, bytes) else [decode(v) for v in value]
     examples.append(example)
   return examples

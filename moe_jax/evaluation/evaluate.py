@@ -75,9 +75,10 @@ def evaluate_task(model: nn.Module, params: Any, task_name: str, split: str = "v
       # t5's rank_classification format: ((example, choice), is_correct, weight, target length) per choice.
       rank_targets, flat_scores = [], []
       for i, e in enumerate(examples):
+        correct = e.get("correct_choices", [e["targets_pretokenized"]])  # any of several right answers counts
         for j, choice in enumerate(e["answer_choices"]):
           n = int(token_counts[i, j])
-          rank_targets.append(((i, j), choice == e["targets_pretokenized"], 1.0, n))
+          rank_targets.append(((i, j), choice in correct, 1.0, n))
           flat_scores.append(float(scores[i, j]) / n if length_normalize else float(scores[i, j]))
       metrics = _merge([fn(rank_targets, flat_scores) for fn in task.score_metric_fns])
     else:

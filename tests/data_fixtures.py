@@ -1,0 +1,135 @@
+"""Tiny copies of the real releases, in their schemas, for the data tests and the input-pipeline benchmark.
+
+P3: `p3/data/<config>/<split>.tfrecord-00000-of-00001` (tf.train.Example) with `info.<split>.json`, token-id fields
+included as the release has them. FLAN: rows with `inputs`, `targets`, `_task_source`, `_task_name`,
+`_template_type` in a release-style parquet. BIG-bench: tasksource-style rows and a lukaemon/BBH-style file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+P3_FEATURES = {
+    "inputs": {"dtype": "int32", "shape": [None]},
+    "inputs_pretokenized": {"dtype": "string", "shape": []},
+    "targets": {"dtype": "int32", "shape": [None]},
+    "targets_pretokenized": {"dtype": "string", "shape": []},
+}
+P3_CHOICES = {"answer_choices": {"dtype": "string", "shape": [None]}}
+P3_SCORE = {"idx": {"dtype": "int32", "shape": [2]}, "is_correct": {"dtype": "bool", "shape": []},
+            "weight": {"dtype": "float32", "shape": []}}
+
+
+def _feature(value: Any) -> Any:
+  import tensorflow as tf
+
+  values = value if isinstance(value, (list, tuple)) else [value]
+  if not values or isinstance(values[0], str):  # an empty list is an empty answer_choices
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
+  if values and isinstance(values[0], float):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def write_p3_config(root: str, config: str, split: str, rows: Sequence[Mapping[str, Any]],
+                    features: Mapping[str, Any]) -> str:
+  """One P3 config split: a TFRecord of `rows` (fields absent from a row are left out) and its info file."""
+  import tensorflow as tf
+
+  directory = os.path.join(root, "p3", "data", config)
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{split}.tfrecord-00000-of-00001")
+  with tf.io.TFRecordWriter(path) as writer:
+    for row in rows:
+      full = {"inputs": [ord(c) for c in row.get("inputs_pretokenized", "")][:8],
+              "targets": [ord(c) for c in row.get("targets_pretokenized", "")][:8], **row}
+      example = tf.train.Example(features=tf.train.Features(feature={k: _feature(v) for k, v in full.items()}))
+      writer.write(example.SerializeToString())
+  with open(os.path.join(directory, f"info.{split}.json"), "w") as f:
+    json.dump({"features": features}, f)
+  return path
+
+
+def p3_rows(template: str, n: int, choices: bool = True) -> list[dict[str, Any]]:
+  """n classification rows phrased by `template` (a format string over {text}); the label is the text's parity."""
+  rows = []
+  for i in range(n):
+    row = {"inputs_pretokenized": template.format(text=f"number {i}"),
+           "targets_pretokenized": "even" if i % 2 == 0 else "odd"}
+    if choices:
+      row["answer_choices"] = ["even", "odd"]
+    rows.append(row)
+  return rows
+
+
+def p3_score_rows(template: str, n: int) -> list[dict[str, Any]]:
+  """The `_score_eval` form of `p3_rows`: one row per (example, choice)."""
+  rows = []
+  for i in range(n):
+    for j, choice in enumerate(["even", "odd"]):
+      rows.append({"inputs_pretokenized": template.format(text=f"number {i}"), "targets_pretokenized": choice,
+                   "answer_choices": ["even", "odd"], "idx": [i, j], "is_correct": int(j == i % 2),
+                   "weight": 1.0})
+  return rows
+
+
+def write_p3(root: str, n: int = 12) -> None:
+  """Two P3 pool datasets (ag_news with two templates, duorc with one per subset) and held-out RTE with a
+  training template and its `_score_eval` twin."""
+  features = {**P3_FEATURES, **P3_CHOICES}
+  for config, template in (("ag_news_classify", "Classify: {text}"), ("ag_news_which_section", "Section of {text}?"),
+                           ("duorc_SelfRC_answer", "Answer about {text}"),
+                           ("duorc_ParaphraseRC_answer", "Paraphrase answer {text}"),
+                           ("super_glue_rte_GPT_3_style", "{text} True or False?")):
+    for split in ("train", "validation"):
+      write_p3_config(root, config, split, p3_rows(template, n), features)
+  write_p3_config(root, "super_glue_rte_GPT_3_style_score_eval", "validation",
+                  p3_score_rows("{text} True or False?", n), {**features, **P3_SCORE})
+
+
+def write_rows(path: str, rows: Iterable[Mapping[str, Any]]) -> str:
+  """Rows as parquet (by extension) or JSON lines."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rows = list(rows)
+  if path.endswith(".parquet"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+  else:
+    with open(path, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  return path
+
+
+def flan_release_rows(n: int = 40) -> list[dict[str, Any]]:
+  """Release-style FLAN rows for two FLAN 2021 tasks, one NIV2 task and one dialog task, zero- and few-shot."""
+  rows = []
+  for i in range(n):
+    for source, task, text in (("Flan2021", "glue/sst2:2.0.0", f"Is 'movie {i}' positive?"),
+                               ("Flan2021", "bool_q:1.0.0", f"Is {i} a number?"),
+                               ("NIv2", "task001_quoref_question_generation", f"Write a question about {i}."),
+                               ("Dialog", "qrecc", f"Rewrite turn {i}.")):
+      for template_type in ("zs_opt", "fs_opt"):
+        rows.append({"inputs": text, "targets": f"answer {i}", "_task_source": source, "_task_name": task,
+                     "_template_type": template_type, "_template_idx": i % 3})
+  return rows
+
+
+def write_bigbench(root: str, n: int = 6) -> None:
+  """tasksource-style rows for a multiple-choice and a generative BIG-bench task, and a lukaemon/BBH-style file."""
+  mc = [{"idx": i, "inputs": f"Is {i} even?", "targets": ["yes" if i % 2 == 0 else "no"],
+         "multiple_choice_targets": ["yes", "no"], "multiple_choice_scores": [int(i % 2 == 0), int(i % 2 == 1)]}
+        for i in range(n)]
+  gen = [{"idx": i, "inputs": f"Sort: {i} {i + 2} {i + 1}", "targets": [f"{i} {i + 1} {i + 2}"],
+          "multiple_choice_targets": [], "multiple_choice_scores": []} for i in range(n)]
+  for task, rows in (("causal_judgment", mc), ("word_sorting", gen)):
+    write_rows(os.path.join(root, "bigbench", task, "train.parquet"), rows[: n // 2])
+    write_rows(os.path.join(root, "bigbench", task, "validation.parquet"), rows[n // 2:])
+  os.makedirs(os.path.join(root, "bbh"), exist_ok=True)
+  with open(os.path.join(root, "bbh", "web_of_lies.json"), "w") as f:
+    json.dump({"examples": [{"input": f"Does person {i} lie?", "target": "Yes" if i % 2 else "No"}
+                            for i in range(n)]}, f)

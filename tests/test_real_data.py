@@ -1,0 +1,249 @@
+"""P3, FLAN and BIG-bench tasks on tiny files in the releases' schemas: registration, preprocessing, the feature
+converter, evaluation end to end on a tiny model, and errors that name the dataset, file and row."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+seqio = pytest.importorskip("seqio")
+
+import data_fixtures as fx  # noqa: E402
+import tasks  # noqa: E402,F401
+from moe_jax.data import files, pipeline  # noqa: E402
+from moe_jax.evaluation import evaluate_task  # noqa: E402
+from moe_jax.models import T5Config, Transformer  # noqa: E402
+from tasks import bigbench, flan, p3  # noqa: E402
+
+LENGTHS = {"inputs": 64, "targets": 16}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 12  # fixture examples per config
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  """A data root with P3, BIG-bench and a split FLAN release; the data root points at it for the module."""
+  path = str(tmp_path_factory.mktemp("data"))
+  fx.write_p3(path, N)
+  fx.write_bigbench(path)
+  release = os.path.join(path, "release")
+  fx.write_rows(os.path.join(release, "flan_zsopt", "part-0.parquet"), fx.flan_release_rows()[:100])
+  fx.write_rows(os.path.join(release, "niv2_zsopt", "part-0.jsonl"), fx.flan_release_rows()[100:])
+  categories = os.path.join(path, "niv2_categories.json")
+  with open(categories, "w") as f:
+    json.dump({"task001_quoref_question_generation": "Question Generation"}, f)
+  flan.split_release(release, path, categories)
+  previous = os.environ.get(files.ENV_VAR)
+  os.environ[files.ENV_VAR] = path
+  yield path
+  if previous is None:
+    del os.environ[files.ENV_VAR]
+  else:
+    os.environ[files.ENV_VAR] = previous
+
+
+def _names(mixture):
+  return [t.name for t in pipeline.get_provider(mixture).tasks]
+
+
+def test_p3_tasks_and_mixtures(root):
+  assert _names("p3_ag_news") == ["p3_ag_news_classify", "p3_ag_news_which_section"]
+  assert _names("p3_duorc") == ["p3_duorc_ParaphraseRC_answer", "p3_duorc_SelfRC_answer"]  # both subsets
+  assert _names("t0_rte") == ["p3_super_glue_rte_GPT_3_style_score_eval"]  # evaluation: original-task templates only
+  assert _names("t0_heldout") == ["p3_super_glue_rte_GPT_3_style_score_eval"]
+  assert set(_names("p3_t0_heldin")) == set(_names("p3_ag_news") + _names("p3_duorc"))  # the pool datasets present
+  assert len(p3.P3_POOL) == 36 and len(p3.T0_HELDOUT) == 11
+  assert p3.EXPERT_TASKS[0] == "p3_ag_news" and p3.EXPERT_TASKS[17] == "p3_duorc"
+
+
+def test_p3_score_eval_groups_choices_into_examples(root):
+  grouped = pipeline.eval_examples("p3_super_glue_rte_GPT_3_style_score_eval", "validation", LENGTHS)
+  plain = pipeline.eval_examples("p3_super_glue_rte_GPT_3_style", "validation", LENGTHS)
+  assert len(grouped) == len(plain) == N
+  for g, p in zip(grouped, plain):
+    assert g["inputs_pretokenized"] == p["inputs_pretokenized"]
+    assert g["answer_choices"] == ["even", "odd"] and g["correct_choices"] == [p["targets_pretokenized"]]
+    np.testing.assert_array_equal(g["inputs"], p["inputs"])
+
+
+def test_p3_training_batches_through_the_feature_converter(root):
+  batch = next(pipeline.train_batches("p3_t0_heldin", LENGTHS, 8, seed=3))
+  assert {k: v.shape for k, v in batch.items()} == {k: (8, LENGTHS[f]) for k, f in (
+      ("encoder_input_tokens", "inputs"), ("decoder_input_tokens", "targets"), ("decoder_target_tokens", "targets"),
+      ("decoder_loss_weights", "targets"))}
+  vocab = seqio.get_mixture_or_task("p3_ag_news_classify").output_features["inputs"].vocabulary
+  texts = [vocab.decode([t for t in row if t > 1]) for row in batch["encoder_input_tokens"]]
+  templates = ("Classify: number ", "Section of number ", "Answer about number ", "Paraphrase answer number ")
+  assert all(t.startswith(templates) for t in texts), texts
+  targets = {vocab.decode([t for t in row if t > 1]) for row in batch["decoder_target_tokens"]}
+  assert targets <= {"even", "odd"}
+
+
+def _p3_config(root, config, split, rows, features):
+  fx.write_p3_config(root, config, split, rows, features)
+  p3.register()
+
+
+def test_p3_malformed_rows_name_file_and_row(root):
+  rows = fx.p3_rows("Q {text}", 5)
+  del rows[3]["targets_pretokenized"]
+  _p3_config(root, "ag_news_broken", "train", rows, fx.P3_FEATURES)
+  with pytest.raises(files.MalformedRowError, match=r"ag_news_broken/train\.tfrecord-00000-of-00001, row 3: missing "
+                     r"field 'targets_pretokenized'"):
+    next(pipeline.train_batches("p3_ag_news_broken", LENGTHS, 2))
+  rows = fx.p3_rows("Q {text}", 5)
+  rows[2]["answer_choices"] = []
+  _p3_config(root, "ag_news_no_choices", "validation", rows, {**fx.P3_FEATURES, **fx.P3_CHOICES})
+  with pytest.raises(files.MalformedRowError, match=r"ag_news_no_choices/validation\.tfrecord.*, row 2: empty "
+                     r"answer_choices"):
+    pipeline.eval_examples("p3_ag_news_no_choices", "validation")
+  rows = fx.p3_score_rows("Q {text}", 3)
+  rows[2]["is_correct"] = rows[3]["is_correct"] = 0  # example 1 has no correct choice
+  _p3_config(root, "ag_news_none_correct_score_eval", "validation", rows, {**fx.P3_FEATURES, **fx.P3_SCORE})
+  with pytest.raises(files.MalformedRowError, match=r"row 2: no answer choice of example 1 is marked is_correct"):
+    pipeline.eval_examples("p3_ag_news_none_correct_score_eval", "validation")
+
+
+def test_missing_data_names_dataset_path_and_command(root, monkeypatch):
+  with pytest.raises(files.DataNotFoundError, match=r"P3 ag_news_classify \(test\).*ag_news_classify.*prepare p3"):
+    pipeline.eval_examples("p3_ag_news_classify", "test")
+  with pytest.raises(files.DataNotFoundError, match=r"flan_glue_cola.*flan/flan_glue_cola.*prepare flan"):
+    pipeline.eval_examples("flan_glue_cola", "validation")
+  with pytest.raises(files.DataNotFoundError, match=r"BIG-bench snarks.*bigbench/snarks.*prepare bigbench"):
+    pipeline.eval_examples("bbh_snarks", "validation")
+  with pytest.raises(files.DataNotFoundError, match=r"P3 member\(s\) \['p3_amazon_polarity'.*prepare p3"):
+    pipeline.get_provider("flan_pool")
+  monkeypatch.delenv(files.ENV_VAR)
+  with pytest.raises(files.DataNotFoundError, match=r"DATA_DIR"):
+    pipeline.eval_examples("flan_glue_sst2", "validation")
+
+
+def test_flan_pool_composition_and_order():
+  assert len(flan.FLAN_POOL) == len(set(flan.FLAN_POOL)) == 166
+  assert flan.FLAN_POOL[:36] == p3.EXPERT_TASKS
+  kinds = [name.split("_")[0] for name in flan.FLAN_POOL]
+  assert kinds.count("flan") == 36 + 8 and kinds.count("niv2") == 75 and kinds.count("dialog") == 4
+  assert kinds.count("p3") == 36 + 7
+  assert flan.FLAN_POOL[36] == "flan_ai2_arc_arc_easy" and flan.FLAN_POOL[-1] == "flan_wmt14_translate_fr_en"
+
+
+def test_flan_release_split_zero_shot_by_member(root):
+  rows = fx.flan_release_rows()
+  expected = {}
+  for name, task in (("flan_glue_sst2", "glue/sst2:2.0.0"), ("niv2_question_generation",
+                                                             "task001_quoref_question_generation")):
+    expected[name] = sorted(r["inputs"] for r in rows if r["_task_name"] == task and r["_template_type"] == "zs_opt")
+    found = [e["inputs_pretokenized"] for split in flan.SPLITS for e in pipeline.eval_examples(name, split)]
+    assert sorted(found) == expected[name]  # few-shot rows dropped, nothing lost between the splits
+  validation = pipeline.eval_examples("flan_bool_q", "validation")
+  train = pipeline.eval_examples("flan_bool_q", "train")
+  assert not {e["inputs_pretokenized"] for e in validation} & {e["inputs_pretokenized"] for e in train}
+  batch = next(pipeline.train_batches("flan_bool_q", LENGTHS, 4))
+  assert batch["encoder_input_tokens"].shape == (4, LENGTHS["inputs"])
+
+
+def test_flan_malformed_row_names_file_and_row(root):
+  path = fx.write_rows(os.path.join(root, "flan", "flan_glue_cola", "train.jsonl"),
+                       [{"inputs": "a", "targets": "b"}, {"inputs": "c"}])
+  with pytest.raises(ValueError, match=rf"{path}, row 1: missing field\(s\) \['targets'\]"):
+    next(pipeline.train_batches("flan_glue_cola", LENGTHS, 2))
+
+
+def test_bigbench_examples(root):
+  rank = pipeline.eval_examples("bbh_causal_judgment", "validation", LENGTHS)
+  assert len(rank) == 6 and all(e["inputs_pretokenized"].endswith("\nAnswer:") for e in rank)
+  assert [e["correct_choices"] for e in rank] == [["yes"], ["no"]] * 3
+  generate = pipeline.eval_examples("bbh_word_sorting", "validation", LENGTHS)
+  assert generate[1]["references"] == ["1 2 3"] and "answer_choices" not in generate[1]
+  bbh_file = pipeline.eval_examples("bbh_web_of_lies", "validation", LENGTHS)
+  assert [e["answer_choices"] for e in bbh_file] == [["Yes", "No"]] * 6
+  assert _names("bbh") == [f"bbh_{t.name}" for t in bigbench.BBH] and len(bigbench.BBH) == 22
+  assert len(bigbench.BBLITE) == 17
+
+
+def test_bigbench_malformed_row(root):
+  path = fx.write_rows(os.path.join(root, "bigbench", "snarks", "validation.jsonl"), [
+      {"inputs": "x", "targets": ["a"], "multiple_choice_targets": ["a", "b"], "multiple_choice_scores": [1, 0]},
+      {"inputs": "y", "targets": ["a"], "multiple_choice_targets": [], "multiple_choice_scores": []}])
+  with pytest.raises(files.MalformedRowError, match=rf"{path}, row 1: empty multiple_choice_targets"):
+    pipeline.eval_examples("bbh_snarks", "validation")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = T5Config(vocab_size=264, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_encoder_layers=1,
+                    num_decoder_layers=1, dtype="float32")
+  model = Transformer(config)
+  tokens = jnp.ones((1, 4), jnp.int32)
+  return model, nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
+
+
+@pytest.mark.parametrize("task", ["p3_super_glue_rte_GPT_3_style_score_eval", "bbh_causal_judgment",
+                                  "bbh_web_of_lies"])
+def test_rank_classification_end_to_end(root, tiny, task):
+  """Accuracy from t5's rank_classification equals the share of examples whose best length-normalised choice is
+  among the correct ones, recomputed here from the per-choice scores."""
+  result = evaluate_task(*tiny, task, "validation", batch_size=4, feature_lengths=LENGTHS)
+  examples = pipeline.eval_examples(task, "validation", LENGTHS)
+  hits = []
+  for record, example in zip(result["predictions"], examples):
+    best = int(np.argmax(np.asarray(record["scores"]) / np.asarray(record["lengths"])))
+    assert record["prediction"] == example["answer_choices"][best]
+    hits.append(example["answer_choices"][best] in example["correct_choices"])
+  assert result["mode"] == "rank"
+  assert result["metrics"]["accuracy"] == pytest.approx(100 * np.mean(hits))
+
+
+def test_generation_end_to_end(root, tiny):
+  result = evaluate_task(*tiny, "bbh_word_sorting", "validation", batch_size=4, feature_lengths=LENGTHS)
+  examples = pipeline.eval_examples("bbh_word_sorting", "validation", LENGTHS)
+  assert result["mode"] == "generate"
+  hits = [r["prediction"].strip() in e["references"] for r, e in zip(result["predictions"], examples)]
+  assert result["metrics"]["exact_match"] == pytest.approx(100 * np.mean(hits))
+
+
+def _gin_value(name):
+  """A binding's value, with macros and constants resolved."""
+  import gin
+
+  value = gin.query_parameter(name)
+  while isinstance(value, gin.config.ConfigurableReference):
+    value = value.scoped_configurable_fn()
+  return value
+
+
+def test_data_gin_files_bind_the_root_and_the_lists(root):
+  import gin
+
+  from moe_jax import gin_utils
+
+  for data_file, lists in (("data/t0_heldout_eval.gin", p3.HELDOUT_TASKS),
+                           ("data/bbh_eval.gin", tuple(f"bbh_{t.name}" for t in bigbench.BBH))):
+    gin.clear_config()
+    gin_utils.configure(["evaluate.gin", data_file], [f"DATA_DIR = '{root}'"])
+    assert files.data_root() == root
+    assert tuple(_gin_value("evaluate.tasks")) == lists
+  for data_file, pool in (("data/p3.gin", p3.EXPERT_TASKS), ("data/flan.gin", flan.FLAN_POOL)):
+    gin.clear_config()
+    gin_utils.configure([data_file], [])
+    assert tuple(_gin_value("%EXPERT_TASKS")) == pool
+  gin.clear_config()
+
+
+def test_prepare_flan_cli(tmp_path):
+  release = tmp_path / "release"
+  fx.write_rows(str(release / "part.jsonl"), fx.flan_release_rows(10))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "moe_jax.data", "prepare", *args], cwd=REPO,
+                                     capture_output=True, text=True, timeout=300)
+  done = run("flan", "--source", str(release), "--out", str(tmp_path / "out"))
+  assert done.returncode == 0, done.stderr
+  assert "NIV2 rows had no known category" in done.stdout  # no category map given: said, not silently dropped
+  assert sorted(os.listdir(tmp_path / "out" / "flan")) == ["dialog_qrecc", "flan_bool_q", "flan_glue_sst2"]
+  bad = run("p3", "--source", str(release), "--out", str(tmp_path / "out"))
+  assert bad.returncode == 2 and "apply to `prepare flan` only" in bad.stderr
