@@ -62,16 +62,16 @@ def _flat(tree):
 
 
 def test_mesh_rules_and_param_shardings():
-  with pytest.raises(ValueError, match=r"data=2 x model=1 = 2 devices, but 1 are given"):
+  with pytest.raises(ValueError, match=r"data=2 x fsdp=1 x expert=1 x model=1 = 2 devices, but 1 are given"):
     part.make_mesh(data=2)
-  assert dict(MESH.shape) == {"data": 1, "model": 1}
+  assert dict(MESH.shape) == {"data": 1, "fsdp": 1, "expert": 1, "model": 1}
   rules = part.axis_rules(overrides=(("embed", "model"),))
-  assert rules[0] == ("embed", "model") and dict(part.DEFAULT_RULES)["embed"] is None
+  assert rules[0] == ("embed", "model") and dict(part.DEFAULT_RULES)["embed"] == "fsdp"
   specs = nn.get_partition_spec(part.abstract_params(Transformer(CFG, EXPERTS)))
   assert specs["encoder"]["layers_0"]["mlp"]["wi_0"]["lora_b"] == P("expert", "lora_rank", "mlp")
   shardings = part.logical_shardings(part.abstract_params(Transformer(CFG)), MESH, RULES)
-  assert shardings["encoder"]["layers_0"]["mlp"]["wo"]["kernel"].spec == P("model", None)
-  assert part.batch_sharding(MESH, RULES).spec == P("data")
+  assert shardings["encoder"]["layers_0"]["mlp"]["wo"]["kernel"].spec == P("model", "fsdp")
+  assert part.batch_sharding(MESH, RULES).spec == P(("data", "fsdp", "expert"))
 
 
 def _reference_loss(model, params, batch):

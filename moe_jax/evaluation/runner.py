@@ -62,6 +62,8 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
     layout = dataclasses.replace(experts or ExpertConfig(), num_experts=sum(m["num_experts"] for m in metadata))
     params = ex.merge(params, stacked)
   model = Transformer(config, layout)
+  if expert_from:  # the experts onto the mesh as the rules shard them, not a replica on every device
+    params = jax.device_put(params, part.logical_shardings(part.abstract_params(model), mesh, rules))
   names = expand_tasks(tasks)
   if jax.process_index() == 0 and gin_config_str:
     os.makedirs(output_dir, exist_ok=True)

@@ -141,8 +141,12 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
       f.write(gin_config_str)
 
   mesh, rules = part.make_mesh(), part.axis_rules()
-  if batch_size % mesh.shape["data"]:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by the data axis ({mesh.shape['data']})")
+  shards = part.batch_shards(mesh, rules)
+  if (batch_size // num_microbatches) % shards:
+    raise ValueError(f"train.batch_size={batch_size} / num_microbatches={num_microbatches} is not divisible by the "
+                     f"{shards} batch shards of the mesh (data x fsdp x expert)")
+  if batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
   layout = stage_experts(stage, experts)
   model = Transformer(config, layout)
   backbone_model = Transformer(config)

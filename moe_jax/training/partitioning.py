@@ -1,15 +1,16 @@
 """Device mesh, logical-to-mesh axis rules, and the shardings of parameters, states and batches.
 
 Parameters carry logical axis names (`embed`, `mlp`, ...) and activations are constrained with logical names too;
-`axis_rules` maps them onto mesh axes. Nothing here names a mesh axis except the rules and `make_mesh`, so adding
-an `fsdp` or `expert` mesh axis is a new `make_mesh` dimension plus rules (e.g. `('embed', 'fsdp')` and
-`('batch', ('data', 'fsdp'))`), with no change to the model or the train step.
+`axis_rules` maps them onto the four mesh axes. One rule set serves every layout: an axis of size 1 shards nothing,
+so the mesh sizes (gin: `make_mesh.fsdp = 8`, ...) pick the strategy and the same gin files run on one device or a
+pod. Nothing else names a mesh axis, so the model and the train step never change with the layout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,20 +21,25 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "model")
+# Outer axes first: `data` carries the least traffic (one gradient all-reduce per step) and may cross hosts; `model`
+# all-reduces inside every layer, so it is innermost (closest devices: one host's NVLink, a TPU torus line).
+MESH_AXES = ("data", "fsdp", "expert", "model")
 
-# Logical axis -> mesh axis (None: replicated). T5X-style 1D model parallelism: feed-forward, heads and vocabulary
-# over `model`; the batch over `data`.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", "data"),
+# Logical axis -> mesh axis (None: replicated). The batch splits over `data`, `fsdp` and `expert` (every device that
+# does not split a layer gets its own rows); parameters' `embed` dimension over `fsdp` (ZeRO-3: stored sharded,
+# gathered per layer); feed-forward, heads and vocabulary over `model` (T5X 1D tensor parallelism); the expert
+# dimension of LoRA experts over `expert`. Flax assigns rules in order and never uses a mesh axis twice in one
+# array, so an activation [batch, length, embed] takes `fsdp` for its batch and leaves `embed` whole.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
     ("mlp", "model"),
     ("joined_kv", "model"),
     ("heads", "model"),
     ("vocab", "model"),
-    ("embed", None),
+    ("embed", "fsdp"),
+    ("expert", "expert"),
     ("kv", None),
     ("length", None),
-    ("expert", None),
     ("lora_rank", None),
     ("relpos_buckets", None),
 )
@@ -42,19 +48,26 @@ Rules = Sequence[tuple[str, Any]]
 
 
 @gin.configurable
-def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'model') mesh over `devices` (default: all); `data=-1` takes the devices `model` leaves."""
+def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, model: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'expert', 'model') mesh over `devices` (default: every device of every process); one size
+  may be -1: it takes the devices the others leave."""
   devices = list(jax.devices() if devices is None else devices)
-  count = len(devices)
-  if model < 1 or data == 0 or data < -1:
-    raise ValueError(f"make_mesh: data={data}, model={model}; sizes must be positive (data may be -1)")
-  if data == -1:
-    if count % model:
-      raise ValueError(f"make_mesh: model={model} does not divide the {count} devices")
-    data = count // model
-  if data * model != count:
-    raise ValueError(f"make_mesh: data={data} x model={model} = {data * model} devices, but {count} are given")
-  return Mesh(mesh_utils.create_device_mesh((data, model), devices=devices), MESH_AXES)
+  sizes = {"data": data, "fsdp": fsdp, "expert": expert, "model": model}
+  shown = " x ".join(f"{name}={size}" for name, size in sizes.items())
+  if any(size == 0 or size < -1 for size in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise ValueError(f"make_mesh: {shown}; sizes must be positive, and at most one may be -1")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  for name, size in sizes.items():
+    if size == -1:
+      if len(devices) % known:
+        raise ValueError(f"make_mesh: {shown}: the other axes ({known} devices) do not divide the {len(devices)} "
+                         "devices")
+      sizes[name] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(f"make_mesh: {shown} = {math.prod(sizes.values())} devices, but {len(devices)} are given")
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  return Mesh(mesh_utils.create_device_mesh(shape, devices=devices), MESH_AXES)
 
 
 @gin.configurable
@@ -88,13 +101,36 @@ def under_mesh(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for a tree of `nn.Partitioned` (abstract) values; unboxed leaves are replicated."""
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+  """NamedShardings for a tree of `nn.Partitioned` (abstract) values; unboxed leaves are replicated. A dimension
+  its mesh axes do not divide (e.g. 166 experts over `expert=4`) is an error naming the parameter."""
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+  def check(path, leaf, sharding):
+    if not isinstance(leaf, nn.Partitioned):
+      return
+    for size, axes, name in zip(leaf.value.shape, sharding.spec, leaf.names):
+      split = math.prod(mesh.shape[a] for a in _axes(axes))
+      if size % split:
+        raise ValueError(f"{jax.tree_util.keystr(path)}: dimension {name!r} of size {size} cannot be split over "
+                         f"mesh axes {_axes(axes)} ({split} devices); change the mesh sizes or axis_rules")
+
+  jax.tree_util.tree_map_with_path(check, boxed_tree, shardings, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return shardings
+
+
+def _axes(spec_entry: Any) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+  return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Leading (batch) dimension per the `batch` rule, the rest replicated; a prefix for a whole batch dict."""
   return nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, rules)
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """Into how many row blocks the `batch` rule splits a batch: batch sizes must be multiples of it."""
+  return math.prod(mesh.shape[a] for a in _axes(batch_sharding(mesh, rules).spec[0]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
