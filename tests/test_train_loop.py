@@ -1,8 +1,11 @@
 """The training loop end to end on the tiny model and a synthetic task: stages, products, exact resume, errors."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import flax
 import gin
@@ -16,6 +19,7 @@ from moe_jax.data import pipeline  # noqa: E402
 from moe_jax.models.config import T5Config  # noqa: E402
 from moe_jax.training import checkpointing as ckpt  # noqa: E402
 from moe_jax.training import loop  # noqa: E402
+from moe_jax.training.preemption import Preempted  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = T5Config(vocab_size=264, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_encoder_layers=1,
@@ -68,8 +72,14 @@ def test_stages_chain_and_rerun_skips(backbone_dir, tmp_path):
   assert os.path.getmtime(expert) == mtime
 
 
-def test_interrupted_run_resumes_to_identical_params(backbone_dir, tmp_path, monkeypatch):
-  reference = _flat(_train(tmp_path / "straight", "expert", 5, init_from=str(backbone_dir)))
+@pytest.fixture(scope="module")
+def straight_expert(backbone_dir, tmp_path_factory):
+  """Expert parameters after an uninterrupted 5-step run: what every interrupted and resumed run must end with."""
+  return _flat(_train(tmp_path_factory.mktemp("straight"), "expert", 5, init_from=str(backbone_dir)))
+
+
+def test_interrupted_run_resumes_to_identical_params(backbone_dir, straight_expert, tmp_path, monkeypatch):
+  reference = straight_expert
   original = pipeline.train_batches
 
   def crash_after_three(*args, **kwargs):
@@ -86,6 +96,58 @@ def test_interrupted_run_resumes_to_identical_params(backbone_dir, tmp_path, mon
   resumed = _flat(_train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir)))
   for key in reference:
     np.testing.assert_array_equal(reference[key], resumed[key])
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(backbone_dir, straight_expert, tmp_path,
+                                                                  monkeypatch):
+  original = pipeline.train_batches
+
+  def sigterm_during_third_batch(*args, **kwargs):
+    for i, batch in enumerate(original(*args, **kwargs)):
+      if i == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  handler = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(pipeline, "train_batches", sigterm_during_third_batch)
+  with pytest.raises(Preempted) as stopped:
+    _train(tmp_path / "run", "expert", 5, init_from=str(backbone_dir))
+  assert stopped.value.step == 3 and stopped.value.code == 143
+  assert signal.getsignal(signal.SIGTERM) is handler
+  checkpoints = ckpt.Checkpointer(tmp_path / "run" / loop.CHECKPOINT_DIR, {})
+  assert checkpoints.latest_step() == 3  # not a multiple of save_every=2: saved because of the signal
+  checkpoints.close()
+  assert not os.path.exists(tmp_path / "run" / ckpt.EXPERT_FILE)
+  monkeypatch.setattr(pipeline, "train_batches", original)
+  resumed = _flat(_train(tmp_path / "run", "expert", 5, init_from=str(backbone_dir)))
+  for key in straight_expert:
+    np.testing.assert_array_equal(straight_expert[key], resumed[key])
+
+
+def test_sigterm_to_the_command_line_saves_then_a_rerun_resumes(tmp_path):
+  """A real signal to `python -m moe_jax.train`: exit status 143, a checkpoint of the step it was on, no other."""
+  model_dir = tmp_path / "run"
+  command = [sys.executable, "-m", "moe_jax.train", "--gin_file=gin/demo.gin", f"--gin.train.model_dir='{model_dir}'",
+             "--gin.train.save_every=1000", "--gin.train.log_every=1", "--gin.train.batch_size=4"]
+  proc = subprocess.Popen(command + ["--gin.train.total_steps=1000"], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = model_dir / "metrics.jsonl"
+  try:
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+      time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err[-3000:]
+  assert "SIGTERM: saved a checkpoint at step" in err and "Traceback" not in err
+  steps = [int(name) for name in os.listdir(model_dir / loop.CHECKPOINT_DIR) if name.isdigit()]
+  last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+  assert len(steps) == 1 and 2 <= last_logged <= steps[0] < 1000, (steps, last_logged)
+  rerun = subprocess.run(command + [f"--gin.train.total_steps={steps[0] + 1}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+  assert rerun.returncode == 0 and f"at step {steps[0]}" in rerun.stdout, rerun.stderr[-3000:]
 
 
 def test_mismatched_inputs_fail_clearly(backbone_dir, tmp_path):

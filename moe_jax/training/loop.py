@@ -5,13 +5,15 @@ Stages and what each leaves in `model_dir` (data flows one way):
   expert     one LoRA expert, backbone frozen     -> `expert.safetensors` (lora_a, lora_b, zero router) + metadata
   gate       the expert's sigmoid gate only       -> `expert.safetensors` with the trained gate as router vector
 Every stage also writes `config.gin` (the effective configuration), `checkpoints/` (orbax; resumed automatically),
-`metrics.jsonl` and `tensorboard/`. A stage whose product exists is skipped.
+`metrics.jsonl` and `tensorboard/`. A stage whose product exists is skipped. SIGTERM (preemption) saves a checkpoint
+of the current step and exits with status 143; the same command then resumes (`moe_jax.training.preemption`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +35,7 @@ from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
 from moe_jax.training.metrics import MetricsWriter
+from moe_jax.training.preemption import Preempted, PreemptionWatch
 from moe_jax.training.train_step import create_train_state, make_train_step
 
 BACKBONE_DIR = "backbone"
@@ -179,8 +182,9 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
   bar = tqdm(total=total_steps, initial=start, desc=f"{stage} {mixture_or_task_name}", unit="step",
              disable=jax.process_index() != 0)
   try:
-    state = _run(state, step_fn, batches, mesh, rules, checkpointer, writer, bar, total_steps, log_every,
-                 save_every)
+    with PreemptionWatch() as watch:
+      state = _run(state, step_fn, batches, mesh, rules, checkpointer, writer, bar, watch, total_steps, log_every,
+                   save_every)
   finally:  # an interrupted run still completes its last checkpoint and flushes its metrics
     bar.close()
     checkpointer.wait()
@@ -195,8 +199,10 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
 
 
 def _run(state: Any, step_fn: Any, batches: Any, mesh: Any, rules: Any, checkpointer: ckpt.Checkpointer,
-         writer: MetricsWriter, bar: Any, total_steps: int, log_every: int, save_every: int) -> Any:
-  """Steps from `state.step` to `total_steps`: log every `log_every`, checkpoint every `save_every` and at the end."""
+         writer: MetricsWriter, bar: Any, watch: PreemptionWatch, total_steps: int, log_every: int,
+         save_every: int) -> Any:
+  """Steps from `state.step` to `total_steps`: log every `log_every`, checkpoint every `save_every` and at the end;
+  after SIGTERM, checkpoint the step just finished and raise `Preempted`."""
   tick, tokens, since_log = time.perf_counter(), 0, 0
   for step in range(int(state.step) + 1, total_steps + 1):
     batch = next(batches)
@@ -212,6 +218,11 @@ def _run(state: Any, step_fn: Any, batches: Any, mesh: Any, rules: Any, checkpoi
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
       tick, tokens, since_log = time.perf_counter(), 0, 0
-    if step % save_every == 0 or step == total_steps:
+    preempted = watch.reached(step)
+    if step % save_every == 0 or step == total_steps or preempted:
       checkpointer.save(state, data_position=step)
+    if preempted:
+      print(f"SIGTERM: saved a checkpoint at step {step} in {checkpointer.directory}; the same command resumes "
+            "there", file=sys.stderr, flush=True)
+      raise Preempted(step)
   return state
