@@ -12,8 +12,7 @@ from moe_jax.methods import concatenate as concat
 
 
 def main(argv: list[str]) -> None:
-  args = gin_utils.parse_flags(argv, __doc__)
-  gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  gin_utils.setup(argv, __doc__)
   product = gin_utils.run_job(concat.concatenate)
   print(f"done: {product}")
 

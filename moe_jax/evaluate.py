@@ -13,8 +13,7 @@ from moe_jax.evaluation import runner
 
 
 def main(argv: list[str]) -> None:
-  args = gin_utils.parse_flags(argv, __doc__)
-  gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  gin_utils.setup(argv, __doc__)
   metrics = gin_utils.run_job(lambda: runner.evaluate(gin_config_str=gin.config_str()))
   print(f"evaluated {len(metrics)} task(s): see {gin.query_parameter('evaluate.output_dir')}/results.md")
 

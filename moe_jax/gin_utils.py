@@ -16,6 +16,8 @@ from typing import Any
 
 import gin
 
+from moe_jax import distributed
+
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
@@ -28,7 +30,8 @@ class GinError(SystemExit):
 
 
 def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
-  """Flags: --gin_file (repeatable), --gin_bindings (repeatable), --gin_search_paths (comma list), --gin.X=V.
+  """Flags: --gin_file (repeatable), --gin_bindings (repeatable), --gin_search_paths (comma list), --gin.X=V, and
+  the multi-process flags of `moe_jax.distributed`.
 
   `--gin.train.steps=10` is the same as `--gin_bindings='train.steps = 10'`.
   """
@@ -36,6 +39,7 @@ def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
   parser.add_argument("--gin_file", action="append", default=[], help="gin file(s), parsed in order")
   parser.add_argument("--gin_bindings", action="append", default=[], help="extra gin bindings, e.g. 'train.steps=5'")
   parser.add_argument("--gin_search_paths", default="", help="comma-separated folders for gin files and includes")
+  distributed.add_flags(parser)
   gin_style = [a for a in argv if a.startswith("--gin.")]
   args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   for arg in gin_style:
@@ -46,6 +50,15 @@ def parse_flags(argv: Sequence[str], description: str) -> argparse.Namespace:
     args.gin_bindings.append(f"{name} = {value}")
   if not args.gin_file:
     parser.error("at least one --gin_file is required (e.g. --gin_file=gin/phatgoose.gin)")
+  return args
+
+
+def setup(argv: Sequence[str], description: str) -> argparse.Namespace:
+  """Every entry point's start: parse the flags, join the other processes of a multi-process run (before JAX
+  touches a device), configure gin."""
+  args = parse_flags(argv, description)
+  distributed.initialize(args)
+  configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
   return args
 
 

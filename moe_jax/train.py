@@ -24,8 +24,7 @@ def job(fn: Callable[..., str] | None = None, gin_config_str: str = "") -> str:
 
 
 def main(argv: list[str]) -> None:
-  args = gin_utils.parse_flags(argv, __doc__)
-  gin_utils.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  gin_utils.setup(argv, __doc__)
   product = gin_utils.run_job(lambda: job(gin_config_str=gin.config_str()))
   print(f"done: {product}")
 

@@ -175,15 +175,17 @@ def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file
   if "phatgoose" in built:
     shares = routing_shares(built["phatgoose"].model, built["phatgoose"].params, eval_tasks, split, lengths,
                             max_examples)
-    np.savez(os.path.join(run_dir, "routing.npz"), tasks=np.array(eval_tasks), experts=np.array(expert_tasks),
-             **{k.replace("/", "."): v for k, v in shares.items()})
-    plot_routing(shares, list(eval_tasks), [t.removeprefix("synthetic_") for t in expert_tasks],
-                 os.path.join(run_dir, "routing.png"))
+    if jax.process_index() == 0:  # every process computes (the arrays span them all); one writes
+      np.savez(os.path.join(run_dir, "routing.npz"), tasks=np.array(eval_tasks), experts=np.array(expert_tasks),
+               **{k.replace("/", "."): v for k, v in shares.items()})
+      plot_routing(shares, list(eval_tasks), [t.removeprefix("synthetic_") for t in expert_tasks],
+                   os.path.join(run_dir, "routing.png"))
   return path
 
 
 def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], run_dir: str) -> str:
-  """results.md (method x task accuracy, with held-in, held-out and overall means) and results.json."""
+  """results.md (method x task accuracy, with held-in, held-out and overall means) and results.json, written by
+  process 0 only; returns the results.md path on every process."""
   heldout = [t for t in tasks if t.endswith("_heldout")]
   heldin = [t for t in tasks if t not in heldout]
   groups = [("mean held-in", heldin), ("mean held-out", heldout), ("mean", list(tasks))]
@@ -199,6 +201,8 @@ def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], 
     rows.append("| " + " | ".join(cells) + " |")
   text = "Rank-classification accuracy (%) per method and task.\n\n" + "\n".join(rows) + "\n"
   path = os.path.join(run_dir, "results.md")
+  if jax.process_index() != 0:
+    return path
   for name, content in (("results.md", text),
                         ("results.json", json.dumps({"tasks": table, "summary": summary}, indent=2) + "\n")):
     tmp = os.path.join(run_dir, f".{name}.tmp")

@@ -148,14 +148,15 @@ def save_experts(path: str | os.PathLike, params: Any, metadata: dict[str, Any])
   if not flat:
     raise ValueError("save_experts: the tree has no lora_a/lora_b/router leaves")
   arrays = multihost_utils.process_allgather(flat, tiled=True)  # the global arrays, on every process
-  if jax.process_index() != 0:
-    return
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  save_file({"/".join(k): np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
-            metadata={_EXPERT_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({"/".join(k): np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
+              metadata={_EXPERT_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    os.replace(tmp, path)
+  if jax.process_count() > 1:  # the other processes read the file next (e.g. the gate stage): wait for it
+    multihost_utils.sync_global_devices(f"save_experts {path}")
 
 
 def load_experts(path: str | os.PathLike, config: T5Config | None = None) -> tuple[Any, dict[str, Any]]:
