@@ -12,7 +12,7 @@ Creates a Cloud TPU VM slice (directly, or through a queued resource), copies th
 (git archive HEAD) to every worker and installs it, runs COMMAND on all workers at once (--worker=all: one JAX
 process per host, joined by jax.distributed through MOE_JAX_DISTRIBUTED=1), streams the output, and deletes the
 slice. After a preemption it recreates the slice and reruns COMMAND, which resumes from its last checkpoint
-(keep train.model_dir on gs:// so that the checkpoints outlive the VMs).
+(keep train.model_dir on storage that outlives the VMs and every worker sees: a GCS bucket mounted with gcsfuse).
 
 Options:
   --name NAME          TPU (and queued resource) name: lowercase letters, digits, hyphens
@@ -30,7 +30,7 @@ Options:
 
 Example:
   launch/tpu_vm.sh --name moe-v4 --zone us-central2-b --accelerator v4-32 --spot --restarts 3 -- \
-    python -m moe_jax.train --gin_file=gin/phatgoose.gin --gin.phatgoose_pipeline.run_dir="'gs://bucket/run'"
+    python -m moe_jax.train --gin_file=gin/phatgoose.gin --gin.phatgoose_pipeline.run_dir="'/gcs/bucket/run'"
 USAGE
 }
 

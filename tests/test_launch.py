@@ -8,7 +8,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("tpu_vm.sh", "slurm_gpu.sh", "gpu_single_host.sh")
-TRAIN = ["python", "-m", "moe_jax.train", "--gin_file=gin/demo.gin", "--gin.train.model_dir='gs://bucket/run 1'"]
+TRAIN = ["python", "-m", "moe_jax.train", "--gin_file=gin/demo.gin", "--gin.train.model_dir='/gcs/bucket/run 1'"]
 
 
 def _launch(script, *args):

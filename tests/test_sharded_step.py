@@ -106,7 +106,8 @@ def _check() -> None:
       for (path, g), w in zip(jax.tree_util.tree_leaves_with_path((got.params, got.opt_state)),
                               jax.tree.leaves((want.params, want.opt_state))):
         error = float(np.max(np.abs(g - w), initial=0.0) / max(float(np.max(np.abs(w), initial=0.0)), 1e-30))
-        assert error <= LEAF_TOL, f"{layout} {stage} {jax.tree_util.keystr(path)}: normwise relative error {error:.2e}"
+        where = f"{layout} {stage} {jax.tree_util.keystr(path)}"
+        assert error <= LEAF_TOL, f"{where}: normwise relative error {error:.1e}"
         worst = max(worst, error)
       print(f"{layout} {stage}: largest normwise relative difference of a parameter or moment leaf {worst:.1e}")
 
