@@ -208,7 +208,13 @@ def _claims(name: str) -> bool:
   if not name.startswith(("p3_", "t0_")):
     return False
   register()
-  return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+  if name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
+    return True
+  dataset = DATASETS.get(name.removeprefix("p3_").removeprefix("t0_"))
+  if dataset is not None:  # a known dataset with no configs under the root
+    raise files.DataNotFoundError(f"P3 {dataset.name} (configs {', '.join(p + '_*' for p in dataset.prefixes)})",
+                                  root(), HOW_TO_GET)
+  return False
 
 
 pipeline.LAZY_REGISTRARS.append(_claims)

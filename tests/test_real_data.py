@@ -93,21 +93,21 @@ def _p3_config(root, config, split, rows, features):
 def test_p3_malformed_rows_name_file_and_row(root):
   rows = fx.p3_rows("Q {text}", 5)
   del rows[3]["targets_pretokenized"]
-  _p3_config(root, "ag_news_broken", "train", rows, fx.P3_FEATURES)
-  with pytest.raises(files.MalformedRowError, match=r"ag_news_broken/train\.tfrecord-00000-of-00001, row 3: missing "
+  _p3_config(root, "broken_rows", "train", rows, fx.P3_FEATURES)
+  with pytest.raises(files.MalformedRowError, match=r"broken_rows/train\.tfrecord-00000-of-00001, row 3: missing "
                      r"field 'targets_pretokenized'"):
-    next(pipeline.train_batches("p3_ag_news_broken", LENGTHS, 2))
+    next(pipeline.train_batches("p3_broken_rows", LENGTHS, 2))
   rows = fx.p3_rows("Q {text}", 5)
   rows[2]["answer_choices"] = []
-  _p3_config(root, "ag_news_no_choices", "validation", rows, {**fx.P3_FEATURES, **fx.P3_CHOICES})
-  with pytest.raises(files.MalformedRowError, match=r"ag_news_no_choices/validation\.tfrecord.*, row 2: empty "
+  _p3_config(root, "no_choices", "validation", rows, {**fx.P3_FEATURES, **fx.P3_CHOICES})
+  with pytest.raises(files.MalformedRowError, match=r"no_choices/validation\.tfrecord.*, row 2: empty "
                      r"answer_choices"):
-    pipeline.eval_examples("p3_ag_news_no_choices", "validation")
+    pipeline.eval_examples("p3_no_choices", "validation")
   rows = fx.p3_score_rows("Q {text}", 3)
   rows[2]["is_correct"] = rows[3]["is_correct"] = 0  # example 1 has no correct choice
-  _p3_config(root, "ag_news_none_correct_score_eval", "validation", rows, {**fx.P3_FEATURES, **fx.P3_SCORE})
+  _p3_config(root, "none_correct_score_eval", "validation", rows, {**fx.P3_FEATURES, **fx.P3_SCORE})
   with pytest.raises(files.MalformedRowError, match=r"row 2: no answer choice of example 1 is marked is_correct"):
-    pipeline.eval_examples("p3_ag_news_none_correct_score_eval", "validation")
+    pipeline.eval_examples("p3_none_correct_score_eval", "validation")
 
 
 def test_missing_data_names_dataset_path_and_command(root, monkeypatch):
@@ -119,6 +119,8 @@ def test_missing_data_names_dataset_path_and_command(root, monkeypatch):
     pipeline.eval_examples("bbh_snarks", "validation")
   with pytest.raises(files.DataNotFoundError, match=r"P3 member\(s\) \['p3_amazon_polarity'.*prepare p3"):
     pipeline.get_provider("flan_pool")
+  with pytest.raises(files.DataNotFoundError, match=r"P3 hellaswag \(configs hellaswag_\*\).*p3/data.*prepare p3"):
+    pipeline.get_provider("t0_hellaswag")
   monkeypatch.delenv(files.ENV_VAR)
   with pytest.raises(files.DataNotFoundError, match=r"DATA_DIR"):
     pipeline.eval_examples("flan_glue_sst2", "validation")
@@ -247,3 +249,56 @@ def test_prepare_flan_cli(tmp_path):
   assert sorted(os.listdir(tmp_path / "out" / "flan")) == ["dialog_qrecc", "flan_bool_q", "flan_glue_sst2"]
   bad = run("p3", "--source", str(release), "--out", str(tmp_path / "out"))
   assert bad.returncode == 2 and "apply to `prepare flan` only" in bad.stderr
+
+
+def test_real_scale_configs_resolve():
+  import gin
+
+  import moe_jax.train  # noqa: F401  (registers `job`)
+  from moe_jax import gin_utils
+
+  for config_file, pool, evals in (("phatgoose_p3_t5xl.gin", p3.EXPERT_TASKS, p3.HELDOUT_TASKS),
+                                   ("phatgoose_flan_t5xl.gin", flan.FLAN_POOL,
+                                    tuple(f"bbh_{t.name}" for t in bigbench.BBH))):
+    gin.clear_config()
+    gin_utils.configure([config_file], ["BACKBONE = '/ckpt/t5-xl-lm-adapt'"])
+    assert tuple(_gin_value("phatgoose_pipeline.expert_tasks")) == pool
+    assert tuple(_gin_value("phatgoose_pipeline.eval_tasks")) == evals
+    assert _gin_value("phatgoose_pipeline.init_from") == "/ckpt/t5-xl-lm-adapt"
+    assert _gin_value("phatgoose_pipeline.multitask_steps") == 0
+    assert _gin_value("T5Config.d_model") == 2048 and _gin_value("ExpertConfig.rank") == 16
+  gin.clear_config()
+
+
+def test_p3_config_end_to_end_on_fixtures(root, tmp_path):
+  """gin/phatgoose_p3_t5xl.gin with the tiny model on the fixture data root: experts on two P3 datasets from a
+  pretrained (here: random, saved) backbone, gates, concatenation, every real-scale method on T0 held-out."""
+  import gin
+
+  from moe_jax import gin_utils
+  from moe_jax.training import loop
+
+  gin.clear_config()
+  gin_utils.configure(["models/tiny.gin"], [])
+  config = T5Config()
+  gin.clear_config()
+  model = Transformer(config)
+  tokens = jnp.ones((1, 4), jnp.int32)
+  loop.save_backbone(str(tmp_path / "backbone"),
+                     nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"]), config)
+  run_dir = tmp_path / "run"
+  bindings = [f"DATA_DIR='{root}'", f"BACKBONE='{tmp_path / 'backbone'}'", f"MULTITASK='{tmp_path / 'backbone'}'",
+              "EXPERT_TASKS=['p3_ag_news', 'p3_duorc']", "EVAL_TASKS=['t0_rte']", f"phatgoose_pipeline.run_dir='{run_dir}'",
+              "phatgoose_pipeline.expert_steps=2", "phatgoose_pipeline.gate_steps=2",
+              "phatgoose_pipeline.max_eval_examples=4", "phatgoose_pipeline.activation_examples=4",
+              "phatgoose_pipeline.retrieval_examples=4", "phatgoose_pipeline.eval_batch_size=4",
+              "FEATURE_LENGTHS={'inputs': 48, 'targets': 8}", "train.batch_size=4", "train.num_microbatches=1",
+              "ExpertConfig.rank=2", "ExpertConfig.modules='.*/mlp/wo'"]
+  done = subprocess.run([sys.executable, "-m", "moe_jax.train", "--gin_file=gin/phatgoose_p3_t5xl.gin",
+                         "--gin_file=models/tiny.gin", *(f"--gin_bindings={b}" for b in bindings)], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  table = json.load(open(run_dir / "results.json"))["tasks"]
+  assert sorted(table) == sorted(["multitask", "merged", "phatgoose", "average_activation", "retrieval"])
+  assert all(sorted(scores) == ["p3_super_glue_rte_GPT_3_style_score_eval"] for scores in table.values())
+  assert os.path.isfile(run_dir / "routing.png")

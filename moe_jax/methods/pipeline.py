@@ -1,5 +1,9 @@
-"""The whole PHATGOOSE pipeline as one gin job: multitask backbone -> one expert per task -> its gate ->
-concatenation -> every routing/merging method evaluated on the same experts -> `results.md` and `routing.png`.
+"""The whole PHATGOOSE pipeline as one gin job: backbone -> one expert per task -> its gate -> concatenation ->
+every routing/merging method evaluated on the same experts -> `results.md` and `routing.png`.
+
+The backbone is multitask-trained here (the demo: a tiny T5 from scratch, `multitask_steps > 0`) or taken as it is
+from `init_from` (`multitask_steps = 0`: a pretrained T5 such as t5-xl-lm-adapt, the real-scale configs). The
+"multitask" method evaluates that backbone, or `multitask_from` (e.g. FLAN-T5-XL, a T0-style P3 model).
 
 `python -m moe_jax.train --gin_file=gin/phatgoose.gin` runs it; each stage is skipped when its product exists, so
 an interrupted pipeline picks up where it stopped.
@@ -31,6 +35,8 @@ from moe_jax.training import loop
 from moe_jax.training import partitioning as part
 
 METHODS = ("multitask", "merged", "uniform", "phatgoose", "average_activation", "retrieval", "oracle")
+# The score reported per task: the first of these its metric functions give (rank classification gives accuracy).
+PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
 
 
 @dataclasses.dataclass
@@ -48,6 +54,7 @@ def skill_of(task: str) -> str:
 
 @gin.configurable(denylist=["gin_config_str"])
 def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthetic_heldin",
+                       init_from: str | None = None, multitask_from: str | None = None,
                        expert_tasks: Sequence[str] | None = None, eval_tasks: Sequence[str] | None = None,
                        methods: Sequence[str] = METHODS, top_k: int = 2, multitask_steps: int = 1000,
                        expert_steps: int = 1000, gate_steps: int = 100, eval_split: str = "validation",
@@ -58,7 +65,8 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
   """Run every stage under `run_dir` and return the path of `results.md`.
 
   Defaults for the built-in synthetic tasks: one expert per `tasks.synthetic.EXPERT_TASKS` (held-in templates),
-  evaluated on those tasks and on their held-out templates.
+  evaluated on those tasks and on their held-out templates. `eval_tasks` may name mixtures (they expand to their
+  tasks); 'oracle' needs every evaluation task to be, or end in `_heldout` after, an expert task.
   """
   from tasks import synthetic  # pylint: disable=g-import-not-at-top
 
@@ -75,9 +83,15 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
     with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
       f.write(gin_config_str)
 
-  backbone_dir = os.path.join(run_dir, "multitask")
-  loop.train(model_dir=backbone_dir, mixture_or_task_name=base_mixture, stage="multitask",
-             total_steps=multitask_steps, **common)
+  if multitask_steps > 0:
+    backbone_dir = os.path.join(run_dir, "multitask")
+    loop.train(model_dir=backbone_dir, mixture_or_task_name=base_mixture, stage="multitask",
+               total_steps=multitask_steps, init_from=init_from, **common)
+  elif init_from is None:
+    raise ValueError("phatgoose_pipeline: multitask_steps=0 needs init_from (a pretrained backbone)")
+  else:
+    backbone_dir = init_from
+  eval_tasks = expand_tasks(eval_tasks)
   gate_files = []
   for task in expert_tasks:
     expert_dir = os.path.join(run_dir, "experts", task)
@@ -92,14 +106,15 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
     concatenate(gate_files, moe_file)
   return evaluate_methods(run_dir, config, backbone_dir, moe_file, expert_tasks, eval_tasks, methods, top_k,
                           experts, eval_split, max_eval_examples, activation_examples, retrieval_examples,
-                          eval_batch_size, lengths)
+                          eval_batch_size, lengths, multitask_from)
 
 
 def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
                   top_k: int, experts: ExpertConfig | None, activation_examples: int, retrieval_examples: int,
-                  lengths: Mapping[str, int]) -> dict[str, Method]:
-  """The model/params/routing of each method on the same backbone and experts."""
-  from moe_jax.data.pipeline import eval_examples, train_batches  # pylint: disable=g-import-not-at-top
+                  lengths: Mapping[str, int], multitask: Any = None) -> dict[str, Method]:
+  """The model/params/routing of each method on the same backbone and experts (`multitask`: the multitask
+  method's parameters, if not the backbone's)."""
+  from moe_jax.data.pipeline import mixture_examples, train_batches  # pylint: disable=g-import-not-at-top
 
   num = len(expert_tasks)
   layout = lambda router: dataclasses.replace(experts or ExpertConfig(), num_experts=num, router=router)
@@ -107,7 +122,7 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
   built: dict[str, Method] = {}
   for name in names:
     if name == "multitask":
-      built[name] = Method(Transformer(config), backbone)
+      built[name] = Method(Transformer(config), backbone if multitask is None else multitask)
     elif name == "merged":
       built[name] = Method(Transformer(config), merged.merge_into_backbone(backbone, moe_tree))
     elif name == "uniform":
@@ -121,12 +136,12 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
       built[name] = Method(Transformer(config, layout(Phatgoose(k=top_k))), ex.merge(with_experts, routers))
     elif name == "retrieval":
       embed = _fixed_shape(retrieval.encoder_mean_embedder(config, backbone), lengths["inputs"])
-      stored = [embed.tokens(eval_examples(t, "train", lengths, retrieval_examples)) for t in expert_tasks]
+      stored = [embed.tokens(mixture_examples(t, "train", lengths, retrieval_examples)) for t in expert_tasks]
       index = retrieval.RetrievalIndex.build(embed, stored, max_per_expert=retrieval_examples)
       route = lambda task, examples: index.route_tokens(embed.tokens(examples))
       built[name] = Method(Transformer(config, layout(Fixed())), with_experts, route)
     elif name == "oracle":
-      ids = lambda task, examples: [expert_tasks.index(skill_of(task))] * len(examples)
+      ids = lambda task, examples: [_oracle_expert(task, expert_tasks)] * len(examples)
       built[name] = Method(Transformer(config, layout(Fixed())), with_experts, ids)
   return built
 
@@ -146,10 +161,23 @@ class _fixed_shape:  # pylint: disable=invalid-name
     return np.concatenate([self.embed(padded[i:i + self.batch]) for i in range(0, len(padded), self.batch)])[:n]
 
 
+def _oracle_expert(task: str, expert_tasks: Sequence[str]) -> int:
+  if skill_of(task) not in expert_tasks:
+    raise ValueError(f"oracle routing: evaluation task {task!r} has no expert of its own (experts: "
+                     f"{list(expert_tasks)[:5]}...); leave 'oracle' out of phatgoose_pipeline.methods")
+  return list(expert_tasks).index(skill_of(task))
+
+
+def expand_tasks(names: Sequence[str]) -> list[str]:
+  from moe_jax.evaluation.runner import expand_tasks as expand  # seqio only when evaluating
+
+  return expand(names)
+
+
 def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file: str, expert_tasks: Sequence[str],
                      eval_tasks: Sequence[str], methods: Sequence[str], top_k: int, experts: ExpertConfig | None,
                      split: str, max_examples: int | None, activation_examples: int, retrieval_examples: int,
-                     batch_size: int, lengths: Mapping[str, int]) -> str:
+                     batch_size: int, lengths: Mapping[str, int], multitask_from: str | None = None) -> str:
   """Evaluate every method on every task; write results.json, results.md and routing.png under `run_dir`."""
   from moe_jax.evaluation.evaluate import evaluate_task  # pylint: disable=g-import-not-at-top
 
@@ -160,17 +188,18 @@ def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file
   order = [e["task"] for e in metadata.get("experts", [])] or list(expert_tasks)
   if order != list(expert_tasks):
     raise ValueError(f"{moe_file} holds experts {order}, but the pipeline expects {list(expert_tasks)}")
+  multitask = None if multitask_from is None else loop.load_backbone(multitask_from, config, shardings, seed=0)
   built = build_methods(methods, config, backbone, moe_tree, expert_tasks, top_k, experts, activation_examples,
-                        retrieval_examples, lengths)
+                        retrieval_examples, lengths, multitask)
   table: dict[str, dict[str, float]] = {}
   with part.activate(mesh, rules):
     for name, method in built.items():
       table[name] = {}
       for task in eval_tasks:
-        result = evaluate_task(method.model, method.params, task, split, batch_size, lengths, "rank",
+        result = evaluate_task(method.model, method.params, task, split, batch_size, lengths, "auto",
                                max_examples=max_examples, routing_ids_fn=method.routing_ids_fn)
-        table[name][task] = float(result["metrics"]["accuracy"])
-      print(f"{name}: mean accuracy {np.mean(list(table[name].values())):.2f}")
+        table[name][task] = primary_metric(result["metrics"])
+      print(f"{name}: mean score {np.mean(list(table[name].values())):.2f}")
   path = write_table(table, eval_tasks, run_dir)
   if "phatgoose" in built:
     shares = routing_shares(built["phatgoose"].model, built["phatgoose"].params, eval_tasks, split, lengths,
@@ -181,6 +210,13 @@ def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file
       plot_routing(shares, list(eval_tasks), [t.removeprefix("synthetic_") for t in expert_tasks],
                    os.path.join(run_dir, "routing.png"))
   return path
+
+
+def primary_metric(metrics: Mapping[str, float]) -> float:
+  for name in PRIMARY_METRICS:
+    if name in metrics:
+      return float(metrics[name])
+  raise ValueError(f"no primary metric ({PRIMARY_METRICS}) among {sorted(metrics)}")
 
 
 def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], run_dir: str) -> str:
@@ -199,7 +235,8 @@ def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], 
     summary[method] = dict(zip((label for label, _ in groups), means))
     cells = [method, *(f"{scores[t]:.1f}" for t in tasks), *(f"**{m:.1f}**" for m in means)]
     rows.append("| " + " | ".join(cells) + " |")
-  text = "Rank-classification accuracy (%) per method and task.\n\n" + "\n".join(rows) + "\n"
+  text = ("Score per method and task: rank-classification accuracy (%), else exact match (%) or ROUGE-Lsum of "
+          "greedy generation.\n\n" + "\n".join(rows) + "\n")
   path = os.path.join(run_dir, "results.md")
   if jax.process_index() != 0:
     return path
