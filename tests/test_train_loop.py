@@ -133,7 +133,9 @@ def test_sigterm_to_the_command_line_saves_then_a_rerun_resumes(tmp_path):
                           stderr=subprocess.PIPE, text=True)
   metrics = model_dir / "metrics.jsonl"
   try:
-    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    for _ in range(1500):  # until two steps are logged (at most ~5 minutes)
+      if proc.poll() is not None or (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        break
       time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGTERM)
