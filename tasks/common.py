@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 import seqio
+import tensorflow as tf
+
+from moe_jax.data import files
 
 from moe_jax.data.vocab import get_vocabulary
 
@@ -23,6 +26,19 @@ def add_task(name: str, source: seqio.DataSource, metric_fns: Sequence[Callable[
   seqio.TaskRegistry.add(name, source=source, output_features=features, metric_fns=list(metric_fns),
                          postprocess_fn=postprocess_fn,
                          preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim])
+
+
+def stream_rows(paths: Sequence[str], convert: Callable[[str, int, Any], Mapping[str, Any]],
+                signature: Mapping[str, tf.TensorSpec]) -> tf.data.Dataset:
+  """Rows of parquet/JSON-lines/JSON files, in order, each passed through `convert(path, row, raw)` (which checks
+  it, raising `files.MalformedRowError`) as a tf.data stream with `signature`."""
+
+  def generate():
+    for path in paths:
+      for row, raw in enumerate(files.read_rows(path)):
+        yield convert(path, row, raw)
+
+  return tf.data.Dataset.from_generator(generate, output_signature=dict(signature))
 
 
 def add_mixture(name: str, members: Sequence[str]) -> None:

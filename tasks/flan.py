@@ -19,7 +19,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import gin
 import seqio
@@ -97,14 +98,11 @@ def _rows(name: str, split: str, shuffle_files: bool = False, seed: int | None =
   if shuffle_files:
     random.Random(seed).shuffle(paths)
 
-  def generate() -> Iterable[dict[str, str]]:
-    for path in paths:
-      for row, example in enumerate(files.read_rows(path)):
-        files.check_fields(path, row, example, ("inputs", "targets"))
-        yield {"inputs": example["inputs"], "targets": example["targets"]}
+  def convert(path: str, row: int, raw: Any) -> dict[str, str]:
+    files.check_fields(path, row, raw, ("inputs", "targets"))
+    return {"inputs": raw["inputs"], "targets": raw["targets"]}
 
-  signature = {k: tf.TensorSpec([], tf.string) for k in ("inputs", "targets")}
-  return tf.data.Dataset.from_generator(generate, output_signature=signature)
+  return common.stream_rows(paths, convert, {k: tf.TensorSpec([], tf.string) for k in ("inputs", "targets")})
 
 
 def register() -> None:

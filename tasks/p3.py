@@ -3,7 +3,8 @@
 Reads a local (or gs://) copy of the P3 release under `<data root>/p3/data/<config>/`: `<split>.tfrecord-*` files of
 tf.train.Examples with `inputs_pretokenized`, `targets_pretokenized`, optional `answer_choices` and, in the
 `<config>_score_eval` configs (one row per answer choice), `idx` = [example, choice], `is_correct` and `weight`;
-`info.<split>.json` declares the features. The text fields are re-tokenized with our vocabulary.
+`info.<split>.json` declares the features. Parquet/JSON-lines files with the same fields (a `datasets` export of a
+config) are read instead when a config folder has no TFRecords. The text fields are re-tokenized with our vocabulary.
 
 Names (registered on first lookup, from the configs found under the data root):
   p3_<config>          one template, e.g. p3_super_glue_rte_GPT_3_style; `_score_eval` configs keep their suffix and
@@ -130,13 +131,17 @@ def _parse(path: tf.Tensor, row: tf.Tensor, record: tf.Tensor, score_eval: bool,
 
 
 def _rows(config: str, split: str, shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
-  """The parsed, checked rows of one config's split."""
+  """The parsed, checked rows of one config's split: the release's TFRecords, or parquet/JSON-lines rows with the
+  same fields (e.g. a `datasets` export: `Dataset.to_parquet('<config>/<split>.parquet')`)."""
   config_dir = files.join(root(), config)
+  score_eval = config.endswith(SCORE_EVAL)
   paths = files.split_files(config_dir, split, (".tfrecord",))
   if not paths:
-    raise files.DataNotFoundError(f"P3 {config} ({split})", config_dir, HOW_TO_GET)
+    row_files = files.split_files(config_dir, split, files.ROW_FORMATS)
+    if not row_files:
+      raise files.DataNotFoundError(f"P3 {config} ({split})", config_dir, HOW_TO_GET)
+    return _row_file_rows(row_files, score_eval)
   features = _features(config_dir, split, paths[0])
-  score_eval = config.endswith(SCORE_EVAL)
   has_choices = "answer_choices" in features
   ds = tf.data.Dataset.from_tensor_slices(paths)
   if shuffle_files:
@@ -144,6 +149,33 @@ def _rows(config: str, split: str, shuffle_files: bool = False, seed: int | None
   ds = ds.interleave(lambda p: tf.data.TFRecordDataset(p).enumerate().map(lambda i, r: (p, i, r)),
                      cycle_length=min(len(paths), 16), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.map(lambda p, i, r: _parse(p, i, r, score_eval, has_choices), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _row_file_rows(paths: Sequence[str], score_eval: bool) -> tf.data.Dataset:
+  """`_rows` from parquet/JSON-lines files; answer choices are expected when the first row has them."""
+  first = next(files.read_rows(paths[0]), {})
+  has_choices = isinstance(first, dict) and "answer_choices" in first
+  required = ("inputs_pretokenized", "targets_pretokenized") + (("idx", "is_correct") if score_eval else ())
+  string = tf.TensorSpec([], tf.string)
+  signature = {"inputs": string, "targets": string}
+  if has_choices:
+    signature["answer_choices"] = tf.TensorSpec([None], tf.string)
+  if score_eval:
+    signature.update(idx=tf.TensorSpec([2], tf.int64), is_correct=tf.TensorSpec([], tf.bool), path=string,
+                     row=tf.TensorSpec([], tf.int64))
+
+  def convert(path: str, row: int, raw: Any) -> dict[str, Any]:
+    files.check_fields(path, row, raw, required + (("answer_choices",) if has_choices else ()))
+    out = {"inputs": raw["inputs_pretokenized"], "targets": raw["targets_pretokenized"]}
+    if has_choices:
+      if not raw["answer_choices"]:
+        raise files.MalformedRowError(path, row, "empty answer_choices")
+      out["answer_choices"] = list(raw["answer_choices"])
+    if score_eval:
+      out.update(idx=list(raw["idx"]), is_correct=bool(raw["is_correct"]), path=path, row=row)
+    return out
+
+  return common.stream_rows(paths, convert, signature)
 
 
 def _grouped(config: str, split: str) -> tf.data.Dataset:

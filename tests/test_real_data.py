@@ -85,6 +85,23 @@ def test_p3_training_batches_through_the_feature_converter(root):
   assert targets <= {"even", "odd"}
 
 
+def test_p3_row_files_read_like_the_release(root):
+  """A `datasets`-style parquet/JSON-lines copy of a config gives the same examples as the TFRecord release."""
+  template = "{text} True or False?"
+  fx.write_rows(os.path.join(root, "p3", "data", "rowfile_copy", "validation.parquet"), fx.p3_rows(template, N))
+  fx.write_rows(os.path.join(root, "p3", "data", "rowfile_copy_score_eval", "validation.jsonl"),
+                fx.p3_score_rows(template, N))
+  p3.register()
+  for copy, release in (("p3_rowfile_copy", "p3_super_glue_rte_GPT_3_style"),
+                        ("p3_rowfile_copy_score_eval", "p3_super_glue_rte_GPT_3_style_score_eval")):
+    a, b = (pipeline.eval_examples(name, "validation", LENGTHS) for name in (copy, release))
+    assert len(a) == len(b) == N
+    for x, y in zip(a, b):
+      assert {k: v for k, v in x.items() if "tokens" not in k and k not in ("inputs", "targets")} == \
+             {k: v for k, v in y.items() if "tokens" not in k and k not in ("inputs", "targets")}
+      np.testing.assert_array_equal(x["inputs"], y["inputs"])
+
+
 def _p3_config(root, config, split, rows, features):
   fx.write_p3_config(root, config, split, rows, features)
   p3.register()
