@@ -196,3 +196,39 @@ def test_evaluate_stacked_experts(backbone_dir, tmp_path):
   alone, alone_lines = run("alone", [second], 0)
   assert stacked == alone and stacked_lines == alone_lines
   assert os.path.isfile(tmp_path / "stacked" / "results.md")
+
+
+def test_validation_keeps_the_best_expert(backbone_dir, tmp_path):
+  """validate_every: the product is the expert with the lowest validation loss of those logged, its loss recomputed
+  here from the product's parameters; a resumed run keeps the best found before the interruption."""
+  from moe_jax.models import experts as ex
+  from moe_jax.models.t5 import Transformer
+  from moe_jax.training import partitioning as part
+  from moe_jax.training.train_step import make_eval_loss
+  from moe_jax.training.validation import BEST_FILE
+
+  run = tmp_path / "expert"
+  gin.bind_parameter("make_optimizer.learning_rate", 0.3)  # large steps: the validation loss goes up and down
+  product = _train(run, "expert", 6, init_from=str(backbone_dir), validate_every=2, validation_batches=2)
+  logged = {json.loads(line)["step"]: json.loads(line)["validation_loss"]
+            for line in open(run / "metrics.jsonl") if "validation_loss" in line}
+  assert sorted(logged) == [2, 4, 6]
+  params, metadata = ckpt.load_experts(product, TINY)
+  best_step = min(logged, key=logged.get)
+  assert metadata["step"] == best_step and metadata["validation_loss"] == pytest.approx(logged[best_step])
+  mesh, rules = part.make_mesh(), part.axis_rules()
+  layout = loop.stage_experts("expert", None)
+  model = Transformer(TINY, layout)
+  backbone = loop.load_backbone(str(backbone_dir), TINY, part.logical_shardings(
+      part.abstract_params(Transformer(TINY)), mesh, rules), seed=0)
+  eval_loss = make_eval_loss(model, mesh, rules)
+  batches = pipeline.validation_batches("synthetic_reverse", LENGTHS, 8, 2)
+  totals = [eval_loss(ex.merge(backbone, params), part.shard_batch(b, mesh, rules)) for b in batches]
+  recomputed = sum(float(t["loss"] * t["weight_sum"]) for t in totals) / sum(float(t["weight_sum"]) for t in totals)
+  assert recomputed == pytest.approx(logged[best_step], rel=1e-5)
+  # Resume: a best file with a lower loss than any the run will find is kept, whatever the run does next.
+  os.remove(product)
+  _, best_meta = ckpt.load_experts(run / BEST_FILE)
+  ckpt.save_experts(run / BEST_FILE, params, {**best_meta, "validation_loss": -1.0})
+  _train(run, "expert", 8, init_from=str(backbone_dir), validate_every=2, validation_batches=2)
+  assert ckpt.load_experts(product)[1]["validation_loss"] == -1.0

@@ -180,3 +180,25 @@ def mixture_examples(name: str, split: str, feature_lengths: Mapping[str, int] |
   share = -(-max_examples // len(members))
   examples = [e for task in members for e in eval_examples(task, split, feature_lengths, share)]
   return examples[:max_examples]
+
+
+def validation_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batch_size: int, num_batches: int,
+                       shard_index: int = 0, num_shards: int = 1) -> list[dict[str, np.ndarray]]:
+  """The first `num_batches` batches of the validation split, in a fixed order (no shuffling), as training batches
+  are shaped. A short last batch is padded with all-zero rows, which carry no loss weight."""
+  _use_data_root()
+  provider = get_provider(mixture_or_task)
+  tasks = getattr(provider, "tasks", [provider])
+  missing = [t.name for t in tasks if "validation" not in t.splits]
+  if missing:
+    raise ValueError(f"{mixture_or_task}: no 'validation' split in {missing}; validation needs one "
+                     "(or set train.validate_every = 0)")
+  ds = seqio.get_dataset(provider, task_feature_lengths=dict(feature_lengths),
+                         feature_converter=seqio.EncDecFeatureConverter(pack=False), dataset_split="validation",
+                         shuffle=False, num_epochs=1, seed=0, batch_size=batch_size, verbose=False,
+                         shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None)
+  batches = list(readable(ds.take(num_batches).as_numpy_iterator()))
+  if not batches:
+    raise ValueError(f"{mixture_or_task}: the validation split is empty")
+  pad = lambda x: np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
+  return [{k: pad(v) for k, v in b.items()} for b in batches]

@@ -86,7 +86,7 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
   if multitask_steps > 0:
     backbone_dir = os.path.join(run_dir, "multitask")
     loop.train(model_dir=backbone_dir, mixture_or_task_name=base_mixture, stage="multitask",
-               total_steps=multitask_steps, init_from=init_from, **common)
+               total_steps=multitask_steps, init_from=init_from, validate_every=0, **common)
   elif init_from is None:
     raise ValueError("phatgoose_pipeline: multitask_steps=0 needs init_from (a pretrained backbone)")
   else:

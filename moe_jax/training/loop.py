@@ -4,6 +4,8 @@ Stages and what each leaves in `model_dir` (data flows one way):
   multitask  the whole backbone trains            -> `backbone/` (orbax; the next stages' `init_from`)
   expert     one LoRA expert, backbone frozen     -> `expert.safetensors` (lora_a, lora_b, zero router) + metadata
   gate       the expert's sigmoid gate only       -> `expert.safetensors` with the trained gate as router vector
+With `validate_every`, expert and gate runs also keep `best.safetensors` (the lowest validation loss so far), which
+becomes the product.
 Every stage also writes `config.gin` (the effective configuration), `checkpoints/` (orbax; resumed automatically),
 `metrics.jsonl` and `tensorboard/`. A stage whose product exists is skipped. SIGTERM (preemption) saves a checkpoint
 of the current step and exits with status 143; the same command then resumes (`moe_jax.training.preemption`).
@@ -36,7 +38,8 @@ from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
 from moe_jax.training.metrics import MetricsWriter
 from moe_jax.training.preemption import Preempted, PreemptionWatch
-from moe_jax.training.train_step import create_train_state, make_train_step
+from moe_jax.training.train_step import create_train_state, make_eval_loss, make_train_step
+from moe_jax.training.validation import KeepBest
 
 BACKBONE_DIR = "backbone"
 CHECKPOINT_DIR = "checkpoints"
@@ -119,12 +122,16 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           feature_lengths: Mapping[str, int] | None = None, batch_size: int = 1024,
           num_microbatches: int = 1, total_steps: int = 1000, init_from: str | None = None,
           expert_from: str | None = None, save_every: int = 100, log_every: int = 10, seed: int = 42,
-          resume: bool = True, gin_config_str: str = "") -> str:
+          resume: bool = True, validate_every: int = 0, validation_batches: int = 8,
+          gin_config_str: str = "") -> str:
   """Train one stage and return the path of its product (see the module docstring).
 
   `batch_size` is the global batch per optimizer step, split into `num_microbatches` accumulated microbatches
   (PHATGOOSE: 1024). `resume=True` continues from the newest checkpoint in `model_dir/checkpoints` when there is
   one; a run with the same data and configuration then ends with the same parameters as an uninterrupted one.
+  `validate_every > 0` (expert and gate stages; PHATGOOSE: 100) computes the loss on `validation_batches` batches
+  of the validation split every that many steps and at the end, and the product is the expert with the lowest one
+  (`moe_jax.training.validation`); 0 keeps the last step's.
   """
   config = model_config or T5Config()
   model_dir = model_dir if "://" in model_dir else os.path.abspath(model_dir)  # orbax wants absolute paths
@@ -134,6 +141,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
     raise ValueError("train.stage='gate' needs train.expert_from (the expert stage's model_dir or expert file)")
   if batch_size % num_microbatches:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by train.num_microbatches={num_microbatches}")
+  if validate_every and stage == "multitask":
+    raise ValueError("train.validate_every keeps the best expert: it applies to the expert and gate stages only")
   product = stage_product(model_dir, stage)
   if os.path.exists(product):
     print(f"{stage} stage already done: {product}")
@@ -170,21 +179,28 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
     state, data_position = checkpointer.restore(state)
     print(f"resumed from {model_dir}/{CHECKPOINT_DIR} at step {int(state.step)}")
 
-  from moe_jax.data.pipeline import train_batches  # the seqio data layer (TensorFlow) only when training
+  from moe_jax.data import pipeline  # the seqio data layer (TensorFlow) only when training
 
   lengths = dict(feature_lengths or {"inputs": 512, "targets": 128})
-  batches = train_batches(mixture_or_task_name, lengths, batch_size // jax.process_count(), seed=seed,
+  batches = pipeline.train_batches(mixture_or_task_name, lengths, batch_size // jax.process_count(), seed=seed,
                           start_batch=data_position, shard_index=jax.process_index(),
                           num_shards=jax.process_count())
   step_fn = make_train_step(model, optimizer, stage, mesh, rules, num_microbatches)
   writer = MetricsWriter(model_dir)
+  keep_best = None
+  if validate_every:
+    held_out = pipeline.validation_batches(mixture_or_task_name, lengths, batch_size // num_microbatches
+                                           // jax.process_count(), validation_batches, jax.process_index(),
+                                           jax.process_count())
+    keep_best = KeepBest(model_dir, make_eval_loss(model, mesh, rules), held_out, mesh, rules, validate_every, config,
+                         mixture_or_task_name, stage)
   start = int(state.step)
   bar = tqdm(total=total_steps, initial=start, desc=f"{stage} {mixture_or_task_name}", unit="step",
              disable=jax.process_index() != 0)
   try:
     with PreemptionWatch() as watch:
       state = _run(state, step_fn, batches, mesh, rules, checkpointer, writer, bar, watch, total_steps, log_every,
-                   save_every)
+                   save_every, keep_best)
   finally:  # an interrupted run still completes its last checkpoint and flushes its metrics
     bar.close()
     checkpointer.wait()
@@ -192,6 +208,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
     writer.close()
   if stage == "multitask":
     save_backbone(product, state.params, config)
+  elif keep_best is not None:
+    keep_best.finish(product)
   else:
     ckpt.save_experts(product, state.params, ckpt.expert_metadata(state.params, config, mixture_or_task_name,
                                                                   stage=stage))
@@ -200,9 +218,9 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
 
 def _run(state: Any, step_fn: Any, batches: Any, mesh: Any, rules: Any, checkpointer: ckpt.Checkpointer,
          writer: MetricsWriter, bar: Any, watch: PreemptionWatch, total_steps: int, log_every: int,
-         save_every: int) -> Any:
-  """Steps from `state.step` to `total_steps`: log every `log_every`, checkpoint every `save_every` and at the end;
-  after SIGTERM, checkpoint the step just finished and raise `Preempted`."""
+         save_every: int, keep_best: KeepBest | None = None) -> Any:
+  """Steps from `state.step` to `total_steps`: log every `log_every`, validate (`keep_best`), checkpoint every
+  `save_every` and at the end; after SIGTERM, checkpoint the step just finished and raise `Preempted`."""
   tick, tokens, since_log = time.perf_counter(), 0, 0
   for step in range(int(state.step) + 1, total_steps + 1):
     batch = next(batches)
@@ -218,6 +236,8 @@ def _run(state: Any, step_fn: Any, batches: Any, mesh: Any, rules: Any, checkpoi
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
       tick, tokens, since_log = time.perf_counter(), 0, 0
+    if keep_best is not None:
+      keep_best(step, state, writer, last=step == total_steps)
     preempted = watch.reached(step)
     if step % save_every == 0 or step == total_steps or preempted:
       checkpointer.save(state, data_position=step)
