@@ -171,13 +171,13 @@ def eval_examples(task_name: str, split: str = "validation", feature_lengths: Ma
   return examples
 
 
-def mixture_examples(name: str, split: str, feature_lengths: Mapping[str, int] | None, max_examples: int
+def mixture_examples(name: str, split: str, feature_lengths: Mapping[str, int] | None, max_examples: int | None
                      ) -> list[dict[str, Any]]:
-  """Up to `max_examples` examples of a task, or of a mixture: its tasks' first examples in equal shares (a P3
-  dataset's templates, say), as `eval_examples` gives them."""
+  """Examples of a task, or of a mixture: its tasks' first examples in equal shares (a P3 dataset's templates,
+  say), as `eval_examples` gives them; up to `max_examples` in all (None: every example of every task)."""
   provider = get_provider(name)
   members = [t.name for t in provider.tasks] if isinstance(provider, seqio.Mixture) else [name]
-  share = -(-max_examples // len(members))
+  share = None if max_examples is None else -(-max_examples // len(members))
   examples = [e for task in members for e in eval_examples(task, split, feature_lengths, share)]
   return examples[:max_examples]
 

@@ -66,7 +66,8 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
 
   Defaults for the built-in synthetic tasks: one expert per `tasks.synthetic.EXPERT_TASKS` (held-in templates),
   evaluated on those tasks and on their held-out templates. `eval_tasks` may name mixtures (they expand to their
-  tasks); 'oracle' needs every evaluation task to be, or end in `_heldout` after, an expert task.
+  tasks, and the table reports their mean: a T0 dataset over its templates); 'oracle' needs every evaluation task
+  to be, or end in `_heldout` after, an expert task.
   """
   from tasks import synthetic  # pylint: disable=g-import-not-at-top
 
@@ -91,7 +92,6 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
     raise ValueError("phatgoose_pipeline: multitask_steps=0 needs init_from (a pretrained backbone)")
   else:
     backbone_dir = init_from
-  eval_tasks = expand_tasks(eval_tasks)
   gate_files = []
   for task in expert_tasks:
     expert_dir = os.path.join(run_dir, "experts", task)
@@ -195,10 +195,12 @@ def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file
   with part.activate(mesh, rules):
     for name, method in built.items():
       table[name] = {}
-      for task in eval_tasks:
-        result = evaluate_task(method.model, method.params, task, split, batch_size, lengths, "auto",
-                               max_examples=max_examples, routing_ids_fn=method.routing_ids_fn)
-        table[name][task] = primary_metric(result["metrics"])
+      for group in eval_tasks:
+        scores = [primary_metric(evaluate_task(method.model, method.params, task, split, batch_size, lengths,
+                                               "auto", max_examples=max_examples,
+                                               routing_ids_fn=method.routing_ids_fn)["metrics"])
+                  for task in expand_tasks([group])]
+        table[name][group] = float(np.mean(scores))
       print(f"{name}: mean score {np.mean(list(table[name].values())):.2f}")
   path = write_table(table, eval_tasks, run_dir)
   if "phatgoose" in built:

@@ -58,12 +58,13 @@ def routing_shares(model: Transformer, params: Any, tasks: Sequence[str], split:
                    feature_lengths: Mapping[str, int], max_examples: int | None = None,
                    batch_size: int = 32) -> dict[str, np.ndarray]:
   """{module path: [len(tasks), E] share of each task's tokens routed to each expert} on the tasks' `split`,
-  teacher-forced on the targets. Rows sum to k for top-k routers."""
-  from moe_jax.data.pipeline import eval_examples  # pylint: disable=g-import-not-at-top
+  teacher-forced on the targets. Rows sum to k for top-k routers. A mixture counts as one task (its tasks'
+  examples in equal shares)."""
+  from moe_jax.data.pipeline import mixture_examples  # pylint: disable=g-import-not-at-top
 
   shares: dict[str, list[np.ndarray]] = {}
   for task in tasks:
-    examples = eval_examples(task, split, feature_lengths, max_examples)
+    examples = mixture_examples(task, split, feature_lengths, max_examples)
     inputs = pad_tokens([e["inputs"] for e in examples], feature_lengths["inputs"])
     targets = pad_tokens([e["targets"] for e in examples], feature_lengths["targets"])
     decoder_inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
