@@ -1,8 +1,10 @@
 """BIG-bench Hard (22 tasks) and BIG-bench Lite (17 tasks) as zero-shot seqio evaluation tasks, as in PHATGOOSE.
 
-Two release layouts under the data root:
+Release layouts under the data root:
   bigbench/<task>/{train,validation}.{parquet,jsonl}  tasksource/bigbench rows: `inputs`, `targets` (list),
                                                       `multiple_choice_targets`, `multiple_choice_scores`
+  bigbench/<task>/<version>/                          the same rows as TFDS `bigbench/<task>` prepared with the
+                                                      data root as TFDS data_dir (read when no row files exist)
   bbh/<task>.{json,jsonl}                             lukaemon/bbh (BBH release) rows: `input`, `target`
 Every task has one split, `validation`: all labelled rows of the release (tasksource's train + validation, as
 PHATGOOSE evaluated them; the BBH file's test rows), in file order. The prompt is the input plus "\\nAnswer:".
@@ -90,12 +92,34 @@ def _example(task: BBTask, path: str, row: int, raw: Any) -> dict[str, Any]:
   return {"inputs": prompt, "targets": correct[0], "answer_choices": choices, "correct_choices": correct}
 
 
+def _tfds_rows(directory: str) -> list[tuple[str, int, dict[str, Any]]]:
+  """(where, row, raw row) of a TFDS-prepared task's train and validation splits, or [] if there is none."""
+  versions = [v for v in files.listdir(directory) if files.isdir(files.join(directory, v)) and v[:1].isdigit()]
+  if not versions:
+    return []
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder_from_directory(files.join(directory, max(versions)))
+  rows = []
+  for split in ("train", "validation"):
+    if split in builder.info.splits:
+      where = f"{builder.data_dir} ({split})"
+      for row, raw in enumerate(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))):
+        decode = lambda v: v.decode() if isinstance(v, bytes) else v
+        rows.append((where, row, {k: [decode(x) for x in v] if hasattr(v, "__len__") and not isinstance(v, bytes)
+                                  else decode(v) for k, v in raw.items()}))
+  return rows
+
+
 def load(task: BBTask) -> list[dict[str, Any]]:
   """Every labelled row of `task` as an evaluation example, checked."""
   directory, paths = _release_files(task)
-  if not paths:
+  rows = [(path, row, raw) for path in paths for row, raw in enumerate(files.read_rows(path))]
+  if not paths and task.bbh_choices is None:
+    rows = _tfds_rows(directory)
+  if not rows:
     raise files.DataNotFoundError(f"BIG-bench {task.name}", directory, HOW_TO_GET)
-  return [_example(task, path, row, raw) for path in paths for row, raw in enumerate(files.read_rows(path))]
+  return [_example(task, path, row, raw) for path, row, raw in rows]
 
 
 def _dataset(task: BBTask, split: str) -> tf.data.Dataset:

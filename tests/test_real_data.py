@@ -186,6 +186,38 @@ def test_bigbench_examples(root):
   assert len(bigbench.BBLITE) == 17
 
 
+def test_bigbench_from_a_tfds_prepared_copy(root):
+  """A task prepared by TFDS (`bigbench/<task>/<version>/` under the data root) reads like the row files."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  rows = [{"idx": i, "inputs": f"Go {i} steps. Back?", "targets": ["Yes" if i % 2 else "No"],
+           "multiple_choice_targets": ["Yes", "No"], "multiple_choice_scores": [i % 2, 1 - i % 2]} for i in range(4)]
+  text = tfds.features.Text()
+
+  class Bigbench(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="navigate")]
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "idx": tf.int32, "inputs": text, "targets": tfds.features.Sequence(text),
+          "multiple_choice_targets": tfds.features.Sequence(text),
+          "multiple_choice_scores": tfds.features.Sequence(tf.int32)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(rows[:1]), "validation": self._generate_examples(rows[1:])}
+
+    def _generate_examples(self, part):
+      yield from ((r["idx"], r) for r in part)
+
+  Bigbench(data_dir=root).download_and_prepare()
+  examples = pipeline.eval_examples("bbh_navigate", "validation", LENGTHS)
+  assert sorted(e["inputs_pretokenized"] for e in examples) == sorted(r["inputs"] + "\nAnswer:" for r in rows)
+  assert all(e["correct_choices"] == [e["targets_pretokenized"]] for e in examples)
+  assert sorted(e["targets_pretokenized"] for e in examples) == ["No", "No", "Yes", "Yes"]
+
+
 def test_bigbench_malformed_row(root):
   path = fx.write_rows(os.path.join(root, "bigbench", "snarks", "validation.jsonl"), [
       {"inputs": "x", "targets": ["a"], "multiple_choice_targets": ["a", "b"], "multiple_choice_scores": [1, 0]},
