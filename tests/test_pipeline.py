@@ -35,3 +35,26 @@ def test_every_method_runs_end_to_end(tmp_path):
   text = open(tmp_path / "results.md").read()
   assert "| phatgoose |" in text and "mean held-out" in text
   assert os.path.getsize(tmp_path / "routing.png") > 10_000
+
+
+def test_demo_gin_runs_through_the_cli(tmp_path):
+  """`python -m moe_jax.train --gin_file=gin/phatgoose.gin`, shrunk: the command as users run it, where gin is
+  locked before the job starts (a configurable imported late would fail here, not in the in-process test)."""
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  bindings = [f"phatgoose_pipeline.run_dir='{tmp_path}'", "phatgoose_pipeline.multitask_steps=2",
+              "phatgoose_pipeline.expert_steps=2", "phatgoose_pipeline.gate_steps=1",
+              "phatgoose_pipeline.expert_tasks=['synthetic_reverse', 'synthetic_sort']",
+              "phatgoose_pipeline.eval_tasks=['synthetic_sort', 'synthetic_reverse_heldout']",
+              "phatgoose_pipeline.max_eval_examples=8", "phatgoose_pipeline.activation_examples=8",
+              "phatgoose_pipeline.retrieval_examples=8", "train.batch_size=8", "ExpertConfig.rank=2",
+              "T5Config.num_encoder_layers=1", "T5Config.num_decoder_layers=1"]
+  done = subprocess.run([sys.executable, "-m", "moe_jax.train", "--gin_file=gin/phatgoose.gin",
+                         *(f"--gin_bindings={b}" for b in bindings)], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "PYTHONPATH": repo})
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"done: {tmp_path / 'results.md'}" in done.stdout
+  table = json.load(open(tmp_path / "results.json"))["tasks"]
+  assert sorted(table) == sorted(pipeline.METHODS)

@@ -73,6 +73,15 @@ def get_provider(name: str) -> seqio.Task | seqio.Mixture:
       " tasks, or add that module to the gin imports.")
 
 
+def expand_tasks(names: Iterable[str]) -> list[str]:
+  """Task names, with each mixture replaced by its tasks (in registration order), without duplicates."""
+  out: list[str] = []
+  for name in names:
+    provider = get_provider(name)
+    out.extend(t.name for t in getattr(provider, "tasks", [provider]))
+  return list(dict.fromkeys(out))
+
+
 def _use_data_root() -> None:
   """Point TFDS and seqio's caches at the data root, failing clearly if it is set but does not exist."""
   root = files.data_root()

@@ -22,17 +22,6 @@ from moe_jax.training import partitioning as part
 from moe_jax.training.loop import load_backbone
 
 
-def expand_tasks(names: Sequence[str]) -> list[str]:
-  """Task names, with each mixture replaced by its tasks (in registration order), without duplicates."""
-  from moe_jax.data.pipeline import get_provider  # seqio only when evaluating
-
-  out: list[str] = []
-  for name in names:
-    provider = get_provider(name)
-    out.extend(t.name for t in getattr(provider, "tasks", [provider]))
-  return list(dict.fromkeys(out))
-
-
 def load_expert_stack(paths: Sequence[str], config: T5Config) -> tuple[Any, list[dict[str, Any]]]:
   """Expert or MoE files (or run dirs holding `expert.safetensors`) stacked in order on the expert axis, with
   each file's metadata."""
@@ -64,6 +53,8 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
   model = Transformer(config, layout)
   if expert_from:  # the experts onto the mesh as the rules shard them, not a replica on every device
     params = jax.device_put(params, part.logical_shardings(part.abstract_params(model), mesh, rules))
+  from moe_jax.data.pipeline import expand_tasks  # seqio only when evaluating
+
   names = expand_tasks(tasks)
   if jax.process_index() == 0 and gin_config_str:
     os.makedirs(output_dir, exist_ok=True)

@@ -168,17 +168,12 @@ def _oracle_expert(task: str, expert_tasks: Sequence[str]) -> int:
   return list(expert_tasks).index(skill_of(task))
 
 
-def expand_tasks(names: Sequence[str]) -> list[str]:
-  from moe_jax.evaluation.runner import expand_tasks as expand  # seqio only when evaluating
-
-  return expand(names)
-
-
 def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file: str, expert_tasks: Sequence[str],
                      eval_tasks: Sequence[str], methods: Sequence[str], top_k: int, experts: ExpertConfig | None,
                      split: str, max_examples: int | None, activation_examples: int, retrieval_examples: int,
                      batch_size: int, lengths: Mapping[str, int], multitask_from: str | None = None) -> str:
   """Evaluate every method on every task; write results.json, results.md and routing.png under `run_dir`."""
+  from moe_jax.data.pipeline import expand_tasks  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation.evaluate import evaluate_task  # pylint: disable=g-import-not-at-top
 
   mesh, rules = part.make_mesh(), part.axis_rules()
