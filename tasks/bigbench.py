@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 from t5.evaluation import metrics
@@ -105,10 +106,17 @@ def _tfds_rows(directory: str) -> list[tuple[str, int, dict[str, Any]]]:
     if split in builder.info.splits:
       where = f"{builder.data_dir} ({split})"
       for row, raw in enumerate(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))):
-        decode = lambda v: v.decode() if isinstance(v, bytes) else v
-        rows.append((where, row, {k: [decode(x) for x in v] if hasattr(v, "__len__") and not isinstance(v, bytes)
-                                  else decode(v) for k, v in raw.items()}))
+        rows.append((where, row, {k: _plain(v) for k, v in raw.items()}))
   return rows
+
+
+def _plain(value: Any) -> Any:
+  """A TFDS NumPy value as the row files hold it: str for bytes, lists for arrays."""
+  if isinstance(value, bytes):
+    return value.decode()
+  if isinstance(value, np.ndarray):
+    return [_plain(v) for v in value.tolist()]
+  return value
 
 
 def load(task: BBTask) -> list[dict[str, Any]]:

@@ -117,7 +117,7 @@ def _claims(name: str) -> bool:
   """Lazy registrar for the pool mixture, whose P3 members exist once P3 is registered from the data root."""
   if name != POOL_MIXTURE:
     return False
-  p3.register()
+  p3.ensure_registered()
   missing = [m for m in FLAN_POOL if m not in seqio.TaskRegistry.names() and m not in seqio.MixtureRegistry.names()]
   if missing:
     raise files.DataNotFoundError(f"P3 member(s) {missing} of the FLAN pool", p3.root(), p3.HOW_TO_GET)

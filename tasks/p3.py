@@ -213,8 +213,12 @@ def _templates(dataset: Dataset, configs: Sequence[str]) -> tuple[list[str], lis
   return [c for c in owned if not c.endswith(SCORE_EVAL)], [c for c in owned if c.endswith(SCORE_EVAL)]
 
 
+_registered_from: str | None = None  # the P3 folder of the last `register()`
+
+
 def register() -> list[str]:
   """Register every config found under the data root and the dataset/pool mixtures; returns the config names."""
+  global _registered_from
   configs = files.listdir(root())
   if not configs:
     raise files.DataNotFoundError("P3", root(), HOW_TO_GET)
@@ -232,14 +236,21 @@ def register() -> list[str]:
     present = [m for m in members if m in seqio.MixtureRegistry.names()]
     if present:
       common.add_mixture(name, present)
+  _registered_from = root()
   return configs
+
+
+def ensure_registered() -> None:
+  """`register()` unless it already ran for the current data root (listing a large or remote root once)."""
+  if _registered_from != root():
+    register()
 
 
 def _claims(name: str) -> bool:
   """Lazy registrar: P3 names are registered from the data root on their first lookup."""
   if not name.startswith(("p3_", "t0_")):
     return False
-  register()
+  ensure_registered()
   if name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
     return True
   dataset = DATASETS.get(name.removeprefix("p3_").removeprefix("t0_"))
