@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: random parameters made on device leaf by leaf (no full-model init to compile)."""
+"""Shared by the benchmarks: presets under flags, and random parameters made on device leaf by leaf (no full-model
+init to compile)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+
+
+def apply_preset(args: Any, preset: dict[str, Any]) -> None:
+  """Fill the flags left unset (None) from the preset: flags given on the command line win."""
+  for name, value in preset.items():
+    if getattr(args, name, None) is None:
+      setattr(args, name, value)
 
 
 def random_params(abstract_params: Any, d_kv: int, seed: int) -> dict[str, Any]:

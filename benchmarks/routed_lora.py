@@ -90,9 +90,7 @@ def parse_args() -> argparse.Namespace:
                  "(rel err ~1e-7 in float32; ~5e-3 in bf16, where each linear's output is rounded to bf16)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
-  for name, value in PRESETS[args.preset].items():  # flags given override the preset
-    if getattr(args, name, None) is None:
-      setattr(args, name, value)
+  common.apply_preset(args, PRESETS[args.preset])
   if bad := set(args.impls) - set(IMPLS):
     p.error(f"unknown --impls {sorted(bad)}; expected some of {IMPLS}")
   if bad := set(args.benches) - {"layer", "model"}:

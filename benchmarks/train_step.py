@@ -122,9 +122,7 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (after compiling)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
-  for name, value in PRESETS[args.preset].items():  # flags given override the preset
-    if getattr(args, name, None) is None:
-      setattr(args, name, value)
+  common.apply_preset(args, PRESETS[args.preset])
   if bad := set(args.stages) - set(STAGES):
     p.error(f"unknown --stages {sorted(bad)}; expected some of {STAGES}")
   if args.repeats < 1:
