@@ -26,6 +26,12 @@ first layer's query/key/value input gradients, which only lead to the frozen emb
 elementwise FLOPs and recomputation (about 1.2x the analytic count with `--remat`), but counts a loop body once:
 with `--microbatches M` (a scan) it reports roughly 1/M of the step.
 
+Packing (expert step only): real (non-padding) tokens/s on a P3-like length mix, the same examples one per row
+padded vs packed (segment ids and restarting positions, as seqio's `EncDecFeatureConverter(pack=True)`) into the
+same [batch, length] shapes, and the ratio. Lengths are log-uniform, inputs from 30/512 of `--inputs_length` up to
+it and targets from 1 up to `--targets_length` (30..512 and 1..128 at T5X's P3 lengths): an assumed mix, not one
+measured on P3. Rows are filled greedily in order (seqio's packer is close to this).
+
 Peak FLOP/s: `--peak_tflops`, else dense bf16 peak by device kind, else (CPU, unknown devices) a large matmul
 in the compute dtype measured in-process. An out-of-memory step (e.g. full finetuning of T5-XL) prints OOM.
 
@@ -141,6 +147,65 @@ def synthetic_batch(batch: int, inputs_length: int, targets_length: int, vocab_s
           "decoder_loss_weights": np.ones((batch, targets_length), np.float32)}
 
 
+def shortest_inputs(inputs_length: int) -> int:
+  """The mix's shortest inputs: 30 tokens at P3's 512, scaled with the inputs length."""
+  return max(1, round(inputs_length * 30 / 512))
+
+
+def p3_like_lengths(n: int, inputs_length: int, targets_length: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """n (inputs, targets) lengths, log-uniform: short prompts and answers are common, long ones rare."""
+  def draw(lo: int, hi: int) -> np.ndarray:
+    return np.clip(np.exp(rng.uniform(np.log(lo), np.log(hi + 1), n)).astype(np.int64), lo, hi)
+
+  return draw(shortest_inputs(inputs_length), inputs_length), draw(1, targets_length)
+
+
+MixBatch = tuple[dict[str, np.ndarray], int, int]  # (batch, examples in it, real tokens in it)
+
+
+def length_mix_batches(batch: int, inputs_length: int, targets_length: int, vocab_size: int,
+                       seed: int) -> tuple[MixBatch, MixBatch]:
+  """(unpacked, packed) from one stream of P3-like examples: unpacked rows take the first `batch` examples, packed
+  rows take examples in order while both the inputs and the targets fit."""
+  rng = np.random.default_rng(seed)
+  # 64 per row is more than a row can hold (the shortest inputs are 30/512 of a row), so every row fills.
+  inputs, targets = p3_like_lengths(64 * batch, inputs_length, targets_length, rng)
+  packed_rows, row = [], []
+  for example in zip(inputs, targets):
+    if sum(i for i, _ in row) + example[0] > inputs_length or sum(t for _, t in row) + example[1] > targets_length:
+      packed_rows.append(row)
+      row = []
+      if len(packed_rows) == batch:
+        break
+    row.append(example)
+
+  def build(rows: list[list[tuple[int, int]]], packed: bool) -> MixBatch:
+    shapes = {"encoder": (batch, inputs_length), "decoder": (batch, targets_length)}
+    out = {f"{side}_{name}": np.zeros(shape, np.int32) for side, shape in shapes.items()
+           for name in ("segment_ids", "positions")}
+    out |= {name: np.zeros(shapes[name.split("_")[0]], np.int32)
+            for name in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")}
+    for r, examples in enumerate(rows):
+      e = d = 0
+      for segment, (li, lt) in enumerate(examples, 1):
+        target = rng.integers(1, vocab_size, lt, dtype=np.int32)
+        out["encoder_input_tokens"][r, e:e + li] = rng.integers(1, vocab_size, li, dtype=np.int32)
+        out["decoder_target_tokens"][r, d:d + lt] = target
+        out["decoder_input_tokens"][r, d + 1:d + lt] = target[:-1]  # shifted right within the example
+        for side, start, length in (("encoder", e, li), ("decoder", d, lt)):
+          out[f"{side}_segment_ids"][r, start:start + length] = segment
+          out[f"{side}_positions"][r, start:start + length] = np.arange(length)
+        e, d = e + li, d + lt
+    out["decoder_loss_weights"] = (out["decoder_target_tokens"] > 0).astype(np.float32)
+    if not packed:
+      out = {k: v for k, v in out.items() if not k.endswith(("segment_ids", "positions"))}
+    tokens = int((out["encoder_input_tokens"] > 0).sum() + (out["decoder_target_tokens"] > 0).sum())
+    return out, sum(map(len, rows)), tokens
+
+  return build([[example] for example in zip(inputs[:batch], targets[:batch])], False), build(packed_rows, True)
+
+
 def sees_encoder_tokens(path: tuple[str, ...]) -> bool:
   return path[0] == "encoder" or path[-3:-1] in (("encoder_decoder_attention", "key"),
                                                  ("encoder_decoder_attention", "value"))
@@ -208,8 +273,9 @@ def time_steps(step: Callable[[TrainState, Batch], tuple[TrainState, Any]], stat
 
 
 def run_stage(stage: str, cfg: T5Config, args: argparse.Namespace, mesh: Mesh, rules: part.Rules, batch: Batch,
-              flops: Flops) -> Row:
-  """Fresh state (same random backbone for both stages), compile, then time `stage`'s train step."""
+              flops: Flops, tokens: int) -> Row:
+  """Fresh state (same random backbone for both stages), compile, then time `stage`'s train step; `tokens` per
+  step give tokens/s."""
   expert_model = Transformer(cfg, ExpertConfig(num_experts=1, rank=args.rank))
   model = expert_model if stage == "expert" else Transformer(cfg)
   params = common.random_params(part.abstract_params(expert_model), cfg.d_kv, args.seed)  # same backbone values for both stages
@@ -224,8 +290,32 @@ def run_stage(stage: str, cfg: T5Config, args: argparse.Namespace, mesh: Mesh, r
       state, batch).compile()
   cost = compiled.cost_analysis()
   ms = time_steps(compiled, state, batch, args.warmup, args.repeats)
-  tokens = args.batch * (args.inputs_length + args.targets_length)
   return Row(trainable, ms, tokens / ms * 1e3, flops.step(stage), cost.get("flops") if cost else None)
+
+
+def run_packing(cfg: T5Config, args: argparse.Namespace, mesh: Mesh, rules: part.Rules, flops: Flops) -> None:
+  """Print real tokens/s of the expert step on the P3-like mix, unpacked vs packed, and the ratio."""
+  print(f"\npacking, expert step, P3-like mix (inputs log-uniform {shortest_inputs(args.inputs_length)}.."
+        f"{args.inputs_length}, targets 1..{args.targets_length}); tokens/s counts real (non-padding) encoder + "
+        "decoder tokens")
+  print_row(["batch", "examples", "ms/step", "tokens/s", "real tok", "padding"])
+  rows = {}
+  for name, (batch, examples, tokens) in zip(("unpacked", "packed"), length_mix_batches(
+      args.batch, args.inputs_length, args.targets_length, cfg.vocab_size, args.seed)):
+    try:
+      rows[name] = run_stage("expert", cfg, args, mesh, rules, part.shard_batch(batch, mesh, rules), flops, tokens)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      print_row([name, str(examples), "OOM", "-", str(tokens), "-"])
+      continue
+    padding = 1 - tokens / (args.batch * (args.inputs_length + args.targets_length))
+    print_row([name, str(examples), f"{rows[name].ms:.2f}", f"{rows[name].tokens_per_s:.0f}", str(tokens),
+               f"{padding:.0%}"])
+  if len(rows) == 2:
+    packed, unpacked = rows["packed"], rows["unpacked"]
+    print(f"packed / unpacked: real tokens/s x{packed.tokens_per_s / unpacked.tokens_per_s:.2f}, time per step "
+          f"x{packed.ms / unpacked.ms:.2f}")
 
 
 def print_row(cells: list[str]):
@@ -265,7 +355,8 @@ def main():
   rows = {}
   for stage in args.stages:
     try:
-      row = run_stage(stage, cfg, args, mesh, rules, batch, flops)
+      row = run_stage(stage, cfg, args, mesh, rules, batch, flops,
+                      args.batch * (args.inputs_length + args.targets_length))
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -283,6 +374,8 @@ def main():
     expert, full = rows["expert"], rows["multitask"]
     print(f"\nexpert / full finetune: time x{expert.ms / full.ms:.2f}, tokens/s "
           f"x{expert.tokens_per_s / full.tokens_per_s:.2f}, model FLOPs x{expert.model_flops / full.model_flops:.2f}")
+  if "expert" in args.stages:
+    run_packing(cfg, args, mesh, rules, flops)
   print(f"total {time.perf_counter() - start:.0f} s")
 
 

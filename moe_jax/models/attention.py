@@ -3,7 +3,8 @@
 T5 attention has no 1/sqrt(d) scaling and adds a learned relative-position bias to the logits. Fused kernels that
 accept an additive bias: cuDNN flash attention on GPU (`jax.nn.dot_product_attention(implementation="cudnn")`) and
 the Pallas flash-attention kernel on TPU. The plain XLA path (`xla_attention`) is the fallback and the reference;
-it is also the only path with attention-probability dropout.
+it is also the only path with attention-probability dropout. Packed rows add segment ids (query, key): the XLA
+path masks with them, cuDNN gets them folded into the additive bias, the TPU kernel takes them as `SegmentIds`.
 """
 
 from __future__ import annotations
@@ -19,31 +20,40 @@ Array = jax.Array
 NEG_INF = -1e10
 
 
-@functools.lru_cache(maxsize=64)
-def relative_position_buckets(qlen: int, klen: int, bidirectional: bool, num_buckets: int,
-                              max_distance: int, offset: int = 0) -> np.ndarray:
-  """[qlen, klen] bucket ids of (key position - query position), as in T5 (static, computed at trace time).
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int,
+                             xp=np):
+  """Bucket ids (int32) of relative positions (key position - query position), as in T5; `xp` is numpy (static
+  positions, at trace time) or jax.numpy (per-example positions of packed rows): one formula for both, so packed
+  and unpacked examples get the same buckets.
 
   Half the buckets are exact offsets, the rest log-spaced up to `max_distance`; bidirectional stacks split the
-  buckets between keys before and after the query. `offset` shifts query positions (cached decoding).
+  buckets between keys before and after the query.
   """
-  rel = np.arange(klen)[None, :] - (np.arange(qlen)[:, None] + offset)
-  n = -rel
-  buckets = np.zeros_like(n)
+  n = -relative_position
+  buckets = xp.zeros_like(n)
   if bidirectional:
     num_buckets //= 2
-    buckets += (n < 0) * num_buckets
-    n = np.abs(n)
+    buckets = buckets + (n < 0) * num_buckets
+    n = xp.abs(n)
   else:
-    n = np.maximum(n, 0)
+    n = xp.maximum(n, 0)
   max_exact = num_buckets // 2
   is_small = n < max_exact
   # float32 like the reference implementations, so bucket edges agree with released checkpoints' behaviour.
-  log_ratio = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact)) / np.float32(
+  log_ratio = xp.log(xp.maximum(n, 1).astype(xp.float32) / xp.float32(max_exact)) / xp.float32(
       np.log(max_distance / max_exact))
-  large = max_exact + (log_ratio * np.float32(num_buckets - max_exact)).astype(np.int64)
-  large = np.minimum(large, num_buckets - 1)
-  return (buckets + np.where(is_small, n, large)).astype(np.int32)
+  large = max_exact + (log_ratio * xp.float32(num_buckets - max_exact)).astype(xp.int32)
+  large = xp.minimum(large, num_buckets - 1)
+  return (buckets + xp.where(is_small, n, large)).astype(xp.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_buckets(qlen: int, klen: int, bidirectional: bool, num_buckets: int,
+                              max_distance: int, offset: int = 0) -> np.ndarray:
+  """[qlen, klen] bucket ids for query i at position offset + i and key j at j (unpacked rows and cached
+  decoding): static, so computed once at trace time."""
+  rel = np.arange(klen)[None, :] - (np.arange(qlen)[:, None] + offset)
+  return relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
 
 
 class RelativePositionBias(nn.Module):
@@ -57,22 +67,34 @@ class RelativePositionBias(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, qlen: int, klen: int, offset: int = 0) -> Array:
+  def __call__(self, qlen: int, klen: int, offset: int = 0, positions: Array | None = None) -> Array:
+    """[1, heads, qlen, klen] for positions offset + arange(qlen) (queries) and arange(klen) (keys), or, given
+    `positions` [B, L] (self-attention over packed rows, whose positions restart per segment; qlen = klen = L),
+    [B, heads, L, L] from each example's own positions."""
     table = self.param("rel_embedding",
                        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
                        (self.num_heads, self.num_buckets), self.param_dtype)
-    buckets = relative_position_buckets(qlen, klen, self.bidirectional, self.num_buckets, self.max_distance, offset)
-    bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
-    return bias[None].astype(self.dtype)
+    if positions is None:
+      buckets = relative_position_buckets(qlen, klen, self.bidirectional, self.num_buckets, self.max_distance,
+                                          offset)
+      bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
+      return bias[None].astype(self.dtype)
+    if positions.shape[1:] != (qlen,) or qlen != klen:
+      raise ValueError(f"positions {positions.shape} need qlen = klen = their length; got {qlen}, {klen}")
+    rel = positions[:, None, :] - positions[:, :, None]  # [B, q, k]: key position - query position
+    buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance, xp=jnp)
+    return jnp.take(table, buckets, axis=1).transpose(1, 0, 2, 3).astype(self.dtype)  # [B, heads, q, k]
 
 
 def xla_attention(q: Array, k: Array, v: Array, bias: Array | None, kv_mask: Array | None, causal: bool,
-                  dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
-  """Reference attention. q [B, Tq, H, D], k/v [B, Tk, H, D], bias [1|B, H, Tq, Tk], kv_mask [B, Tk] bool."""
+                  dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+                  segment_ids: tuple[Array, Array] | None = None) -> Array:
+  """Reference attention. q [B, Tq, H, D], k/v [B, Tk, H, D], bias [1|B, H, Tq, Tk], kv_mask [B, Tk] bool,
+  segment_ids (query [B, Tq], key [B, Tk]) int: a query sees only keys of its own segment (packed rows)."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
-  mask = _full_mask(q.shape[1], k.shape[1], kv_mask, causal)
+  mask = _full_mask(q.shape[1], k.shape[1], kv_mask, causal, segment_ids)
   if mask is not None:
     logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -82,10 +104,16 @@ def xla_attention(q: Array, k: Array, v: Array, bias: Array | None, kv_mask: Arr
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def _full_mask(qlen: int, klen: int, kv_mask: Array | None, causal: bool) -> Array | None:
+def _full_mask(qlen: int, klen: int, kv_mask: Array | None, causal: bool,
+               segment_ids: tuple[Array, Array] | None = None) -> Array | None:
+  """[1|B, 1, Tq, Tk] bool, or None when nothing is masked."""
   mask = None
   if kv_mask is not None:
     mask = kv_mask[:, None, None, :]
+  if segment_ids is not None:
+    q_segments, kv_segments = segment_ids
+    same = q_segments[:, None, :, None] == kv_segments[:, None, None, :]
+    mask = same if mask is None else mask & same
   if causal:
     tri = jnp.tril(jnp.ones((qlen, klen), bool))[None, None]
     mask = tri if mask is None else mask & tri
@@ -107,27 +135,34 @@ def resolve_impl(impl: str, dtype: jnp.dtype, head_dim: int, dropout: bool) -> s
 
 
 def attention(q: Array, k: Array, v: Array, bias: Array | None, kv_mask: Array | None, causal: bool, impl: str,
-              dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
-  """Dispatch to the chosen kernel. Padding must be on the right (true for unpacked seqio batches): the fused
-  kernels take per-example key lengths rather than arbitrary masks."""
+              dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+              segment_ids: tuple[Array, Array] | None = None) -> Array:
+  """Dispatch to the chosen kernel. Padding must be on the right (true for seqio batches, packed or not): the
+  fused kernels take per-example key lengths rather than arbitrary masks. `segment_ids` (query, key) keep packed
+  examples apart; padding is segment 0, so real tokens never attend to it."""
   impl = resolve_impl(impl, q.dtype, q.shape[-1], dropout_rate > 0.0 and dropout_rng is not None)
   if impl == "xla":
-    return xla_attention(q, k, v, bias, kv_mask, causal, dropout_rate, dropout_rng)
+    return xla_attention(q, k, v, bias, kv_mask, causal, dropout_rate, dropout_rng, segment_ids)
   if impl == "cudnn":
     lengths = None if kv_mask is None else jnp.sum(kv_mask, axis=-1, dtype=jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), scale=1.0,
-                                        is_causal=causal, key_value_seq_lengths=lengths, implementation="cudnn")
+    # cuDNN takes no segment ids: jax folds a boolean mask into the additive bias (`combine_bias_and_mask`, with
+    # a large negative number cuDNN handles), so packed rows pay for a [B, H, Tq, Tk] bias.
+    mask = None if segment_ids is None else _full_mask(q.shape[1], k.shape[1], None, False, segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+                                        scale=1.0, is_causal=causal, key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
   if impl == "tpu_flash":
-    return _tpu_flash(q, k, v, bias, kv_mask, causal)
+    return _tpu_flash(q, k, v, bias, kv_mask, causal, segment_ids)
   raise ValueError(f"attention impl={impl!r}; expected auto, xla, cudnn or tpu_flash")
 
 
-def _tpu_flash(q, k, v, bias, kv_mask, causal):
+def _tpu_flash(q, k, v, bias, kv_mask, causal, segment_ids):
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
 
   batch = q.shape[0]
-  segment_ids = None
-  if kv_mask is not None:
+  if segment_ids is not None:  # padding keys are segment 0, which no real query has
+    segment_ids = fa.SegmentIds(q=segment_ids[0].astype(jnp.int32), kv=segment_ids[1].astype(jnp.int32))
+  elif kv_mask is not None:
     segment_ids = fa.SegmentIds(q=jnp.ones(q.shape[:2], jnp.int32), kv=kv_mask.astype(jnp.int32))
   ab = None if bias is None else jnp.broadcast_to(bias, (batch,) + bias.shape[1:]).astype(jnp.float32)
   out = fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), ab=ab,

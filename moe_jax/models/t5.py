@@ -42,7 +42,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array, bias: Array | None, kv_mask: Array | None, causal: bool,
-               deterministic: bool, routing_ids: Array | None = None) -> Array:
+               deterministic: bool, routing_ids: Array | None = None,
+               segment_ids: tuple[Array, Array] | None = None) -> Array:
     cfg = self.config
     inner = cfg.num_heads * cfg.d_kv
     # T5X/Mesh-TF init: the query absorbs the 1/sqrt(d_kv) that T5 attention does not apply.
@@ -56,7 +57,7 @@ class MultiHeadAttention(nn.Module):
     v = split(dense("value")(x_kv, routing_ids))
     dropout = cfg.dropout_rate if not deterministic else 0.0
     rng = self.make_rng("dropout") if dropout > 0.0 else None
-    out = attention(q, k, v, bias, kv_mask, causal, cfg.attention_impl, dropout, rng)
+    out = attention(q, k, v, bias, kv_mask, causal, cfg.attention_impl, dropout, rng, segment_ids)
     out = out.reshape(out.shape[:2] + (inner,))
     return Linear(cfg.d_model, ("joined_kv", "embed"), cfg, self.experts, name="out")(out, routing_ids)
 
@@ -83,12 +84,13 @@ class EncoderLayer(nn.Module):
   experts: ExpertConfig | None = None
 
   @nn.compact
-  def __call__(self, x, bias, mask, deterministic, routing_ids=None):
+  def __call__(self, x, bias, mask, deterministic, routing_ids=None, segment_ids=None):
     cfg = self.config
     drop = lambda t: nn.Dropout(cfg.dropout_rate)(t, deterministic=deterministic)
     h = RMSNorm(cfg, name="pre_attention_layer_norm")(x)
+    self_segments = None if segment_ids is None else (segment_ids, segment_ids)
     x = x + drop(MultiHeadAttention(cfg, self.experts, name="attention")(h, h, bias, mask, False, deterministic,
-                                                                         routing_ids))
+                                                                         routing_ids, self_segments))
     h = RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
     x = x + drop(MlpBlock(cfg, self.experts, name="mlp")(h, deterministic, routing_ids))
     return _constrain(x, ("batch", "length", "embed"))
@@ -99,15 +101,19 @@ class DecoderLayer(nn.Module):
   experts: ExpertConfig | None = None
 
   @nn.compact
-  def __call__(self, y, encoded, self_bias, encoder_mask, deterministic, routing_ids=None):
+  def __call__(self, y, encoded, self_bias, encoder_mask, deterministic, routing_ids=None,
+               decoder_segment_ids=None, encoder_segment_ids=None):
     cfg = self.config
     drop = lambda t: nn.Dropout(cfg.dropout_rate)(t, deterministic=deterministic)
+    packed = decoder_segment_ids is not None
     h = RMSNorm(cfg, name="pre_self_attention_layer_norm")(y)
-    y = y + drop(MultiHeadAttention(cfg, self.experts, name="self_attention")(h, h, self_bias, None, True,
-                                                                              deterministic, routing_ids))
+    y = y + drop(MultiHeadAttention(cfg, self.experts, name="self_attention")(
+        h, h, self_bias, None, True, deterministic, routing_ids,
+        (decoder_segment_ids, decoder_segment_ids) if packed else None))
     h = RMSNorm(cfg, name="pre_cross_attention_layer_norm")(y)
     y = y + drop(MultiHeadAttention(cfg, self.experts, name="encoder_decoder_attention")(
-        h, encoded, None, encoder_mask, False, deterministic, routing_ids))
+        h, encoded, None, encoder_mask, False, deterministic, routing_ids,
+        (decoder_segment_ids, encoder_segment_ids) if packed else None))
     h = RMSNorm(cfg, name="pre_mlp_layer_norm")(y)
     y = y + drop(MlpBlock(cfg, self.experts, name="mlp")(h, deterministic, routing_ids))
     return _constrain(y, ("batch", "length", "embed"))
@@ -124,18 +130,20 @@ class Encoder(nn.Module):
   experts: ExpertConfig | None = None
 
   @nn.compact
-  def __call__(self, tokens: Array, deterministic: bool = True, routing_ids: Array | None = None) -> Array:
+  def __call__(self, tokens: Array, deterministic: bool = True, routing_ids: Array | None = None,
+               segment_ids: Array | None = None, positions: Array | None = None) -> Array:
     cfg = self.config
     mask = tokens > 0
     length = tokens.shape[1]
     bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                                 cfg.relative_attention_max_distance, bidirectional=True, dtype=cfg.compute_dtype,
-                                param_dtype=cfg.weights_dtype, name="relpos_bias")(length, length)
+                                param_dtype=cfg.weights_dtype, name="relpos_bias")(length, length,
+                                                                                  positions=positions)
     x = self.embedder(tokens).astype(cfg.compute_dtype)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     layer = _layer_class(EncoderLayer, cfg, 4)
     for i in range(cfg.num_encoder_layers):
-      x = layer(cfg, self.experts, name=f"layers_{i}")(x, bias, mask, deterministic, routing_ids)
+      x = layer(cfg, self.experts, name=f"layers_{i}")(x, bias, mask, deterministic, routing_ids, segment_ids)
     x = RMSNorm(cfg, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -147,17 +155,23 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded: Array, encoder_mask: Array, tokens: Array, deterministic: bool = True,
-               routing_ids: Array | None = None) -> Array:
+               routing_ids: Array | None = None, decoder_segment_ids: Array | None = None,
+               encoder_segment_ids: Array | None = None, positions: Array | None = None) -> Array:
     cfg = self.config
+    if (decoder_segment_ids is None) != (encoder_segment_ids is None):
+      raise ValueError("packed rows need both encoder_segment_ids and decoder_segment_ids (cross-attention pairs "
+                       "a decoder segment with the encoder tokens of the same id), or neither")
     length = tokens.shape[1]
     bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
                                 cfg.relative_attention_max_distance, bidirectional=False, dtype=cfg.compute_dtype,
-                                param_dtype=cfg.weights_dtype, name="relpos_bias")(length, length)
+                                param_dtype=cfg.weights_dtype, name="relpos_bias")(length, length,
+                                                                                  positions=positions)
     y = self.embedder(tokens).astype(cfg.compute_dtype)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     layer = _layer_class(DecoderLayer, cfg, 5)
     for i in range(cfg.num_decoder_layers):
-      y = layer(cfg, self.experts, name=f"layers_{i}")(y, encoded, bias, encoder_mask, deterministic, routing_ids)
+      y = layer(cfg, self.experts, name=f"layers_{i}")(y, encoded, bias, encoder_mask, deterministic, routing_ids,
+                                                       decoder_segment_ids, encoder_segment_ids)
     y = RMSNorm(cfg, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     if cfg.tie_word_embeddings:
@@ -168,7 +182,13 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The encoder-decoder. `routing_ids` [batch] feeds routers that take per-example ids (e.g. `Fixed`)."""
+  """The encoder-decoder. `routing_ids` [batch] feeds routers that take per-example ids (e.g. `Fixed`); they are
+  per row, so every example packed into one row gets that row's id.
+
+  Packed rows (seqio `EncDecFeatureConverter(pack=True)`) pass `*_segment_ids` (1, 2, ... per example, 0 on
+  padding) and `*_positions` (restarting at 0 per example): attention stays within an example and the relative
+  position bias uses each example's own positions, so a packed example gets the logits it gets alone in a row.
+  """
 
   config: T5Config
   experts: ExpertConfig | None = None
@@ -181,15 +201,24 @@ class Transformer(nn.Module):
     self.encoder = Encoder(cfg, self.token_embedder, self.experts)
     self.decoder = Decoder(cfg, self.token_embedder, self.experts)
 
-  def encode(self, encoder_input_tokens: Array, deterministic: bool = True, routing_ids: Array | None = None):
-    return self.encoder(encoder_input_tokens, deterministic, routing_ids)
+  def encode(self, encoder_input_tokens: Array, deterministic: bool = True, routing_ids: Array | None = None, *,
+             encoder_segment_ids: Array | None = None, encoder_positions: Array | None = None) -> Array:
+    return self.encoder(encoder_input_tokens, deterministic, routing_ids, encoder_segment_ids, encoder_positions)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             deterministic: bool = True, routing_ids: Array | None = None) -> Array:
-    return self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens, deterministic, routing_ids)
+             deterministic: bool = True, routing_ids: Array | None = None, *,
+             encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
+             decoder_positions: Array | None = None) -> Array:
+    return self.decoder(encoded, encoder_input_tokens > 0, decoder_input_tokens, deterministic, routing_ids,
+                        decoder_segment_ids, encoder_segment_ids, decoder_positions)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array, deterministic: bool = True,
-               routing_ids: Array | None = None) -> Array:
+               routing_ids: Array | None = None, *, encoder_segment_ids: Array | None = None,
+               decoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
+               decoder_positions: Array | None = None) -> Array:
     """Logits [batch, decoder_length, vocab] in float32."""
-    encoded = self.encode(encoder_input_tokens, deterministic, routing_ids)
-    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, deterministic, routing_ids)
+    encoded = self.encode(encoder_input_tokens, deterministic, routing_ids, encoder_segment_ids=encoder_segment_ids,
+                          encoder_positions=encoder_positions)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, deterministic, routing_ids,
+                       encoder_segment_ids=encoder_segment_ids, decoder_segment_ids=decoder_segment_ids,
+                       decoder_positions=decoder_positions)
