@@ -44,6 +44,11 @@ class T5Config:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   remat: bool = False
+  # Modules (a regex fullmatched on the module path, as `ExpertConfig.modules`) that add a separate `delta`
+  # [d_in, d_out] to their kernel: in a low-precision compute dtype a merged weight update of ~1e-3 |W| folded into
+  # W is rounded to W's grid (erased when W is already on it, as in a bf16 checkpoint); beside W it is kept
+  # (`moe_jax.methods.merged`). "" = none.
+  delta_modules: str = ""
   name: str = "t5_1_1_small"
 
   def __post_init__(self):
@@ -66,7 +71,7 @@ class T5Config:
 
   def architecture(self) -> dict[str, Any]:
     """The fields that decide parameter shapes and the function computed (not numerics or run settings)."""
-    ignore = {"dropout_rate", "dtype", "param_dtype", "attention_impl", "remat", "name"}
+    ignore = {"dropout_rate", "dtype", "param_dtype", "attention_impl", "remat", "delta_modules", "name"}
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
   def fingerprint(self) -> str:

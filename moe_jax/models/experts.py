@@ -7,6 +7,8 @@ unboxed), as `moe_jax.checkpoints.hf.load_hf_t5` returns them.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,23 @@ def layout(expert_tree: Params) -> tuple[list[str], int, int]:
     raise ValueError("the tree has no lora_a leaves")
   num_experts, _, rank = flat[tuple(modules[0].split("/")) + ("lora_a",)].shape
   return modules, int(num_experts), int(rank)
+
+
+def exact_modules(paths: Sequence[str]) -> str:
+  """A regex that fullmatches exactly these module paths (escaped alternation, sorted), e.g. for
+  `ExpertConfig.modules` or `T5Config.delta_modules`."""
+  return "|".join(re.escape(p) for p in sorted(paths))
+
+
+def layout_config(modules: Sequence[str], num_experts: int, rank: int,
+                  base: ExpertConfig | None = None) -> ExpertConfig:
+  """The ExpertConfig of an expert file: experts on exactly `modules`, with the file's count and rank; router,
+  impl and init_std from `base`. Taking the layout from the file rather than gin means a narrower or wider
+  `base.modules` cannot drop or invent experts. Raises ValueError for an empty module list."""
+  if not modules:
+    raise ValueError("layout_config: no modules given")
+  return dataclasses.replace(base or ExpertConfig(), modules=exact_modules(modules), num_experts=num_experts,
+                             rank=rank)
 
 
 def first_mismatch(found: Params, expected: Params, skip_leading: bool = False) -> tuple[str, Any, Any] | None:

@@ -5,6 +5,8 @@ Parameters of an expert module at path P (T5X names, stacked on the `expert` axi
   P/lora_a  [E, d_in, r]       N(0, init_std^2)
   P/lora_b  [E, r, d_out]      zeros
   P/router  [E, d_in]          zeros; the sigmoid gate's v during gate training, the router vector afterwards
+A module at a path matching `T5Config.delta_modules` also has
+  P/delta   [d_in, d_out]      float32 zeros; a merged weight update kept beside the kernel (see `Linear`)
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ def has_experts(experts: ExpertConfig | None, path: str) -> bool:
 
 
 class Linear(nn.Module):
-  """y = x W (+ routed LoRA when this module's path matches `experts.modules`)."""
+  """y = x W (+ x D when the path matches `config.delta_modules`) (+ routed LoRA when it matches `experts.modules`).
+
+  D (`delta`) holds a merged update of ~1e-3 |W|: folded into W it would be rounded to W's bf16 grid (relative
+  step 2^-8), which erases it where W is already on that grid (a bf16 checkpoint) and leaves it as rounding noise
+  elsewhere; as its own matrix its bf16 rounding is relative to the update, and both products accumulate in float32.
+  """
 
   features: int
   axes: tuple[str, str]
@@ -47,6 +54,10 @@ class Linear(nn.Module):
                         (d_in, self.features), cfg.weights_dtype)
     x = x.astype(cfg.compute_dtype)
     y = jnp.dot(x, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    if cfg.delta_modules and re.fullmatch(cfg.delta_modules, module_path(self)):
+      delta = self.param("delta", nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
+                         (d_in, self.features), jnp.float32)
+      y = y + jnp.dot(x, delta.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
     if has_experts(self.experts, module_path(self)):
       y = y + self._experts(x, d_in, routing_ids)
     return y.astype(cfg.compute_dtype)
