@@ -2,7 +2,8 @@
 
 from setuptools import find_packages, setup
 
-DATA = ["seqio==0.0.20", "t5==0.9.4", "tensorflow==2.21.0", "tensorflow-datasets==4.9.10", "datasets>=3"]
+DATA = ["seqio==0.0.20", "t5==0.9.4", "tensorflow==2.21.0", "tensorflow-datasets==4.9.10", "datasets>=3",
+        "sentencepiece>=0.2"]
 
 setup(
     name="moe_jax",
@@ -23,6 +24,9 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # One path layer for run dirs, products, metrics and the data root: local, gs:// (with the `gcs` extra),
+        # memory:// (tests), any fsspec filesystem.
+        "fsspec>=2024.6",
     ],
     extras_require={
         # The seqio data layer and t5's metric functions. t5 0.9.4 also pulls seqio-nightly and tfds-nightly, which
@@ -30,8 +34,10 @@ setup(
         # together in one pip run the stable files win (tests/test_install.py checks the versions that import).
         # `t5.models` does not import with TF 2.21 (no tf.compat.v1.estimator); we use only `t5.evaluation`.
         "data": DATA,
+        # gs:// run dirs, products and data roots through fsspec (orbax writes checkpoints to GCS itself).
+        "gcs": ["gcsfs>=2024.6"],
         # transformers + CPU PyTorch are the independent reference our T5 is tested against. torch==2.13.0 is a
         # CPU build on this project's machines; an open `torch` requirement would pull a multi-GB CUDA build.
-        "test": DATA + ["pytest>=8", "transformers>=4.40", "torch==2.13.0"],
+        "test": DATA + ["pytest>=8", "transformers>=4.40", "torch==2.13.0", "peft>=0.13"],
     },
 )

@@ -10,18 +10,17 @@ import seqio
 import tensorflow as tf
 
 from moe_jax.data import files
-
-from moe_jax.data.vocab import get_vocabulary
+from moe_jax.data.vocab import run_vocabulary
 
 
 def add_task(name: str, source: seqio.DataSource, metric_fns: Sequence[Callable[..., Any]],
              postprocess_fn: Callable[..., Any] | None = None) -> None:
   """(Re-)register a text-to-text Task whose source yields `inputs` and `targets` strings.
 
-  Text is tokenized with the configured vocabulary (`get_vocabulary`), never with token ids a release may carry,
-  so one data copy serves any model's vocabulary.
+  Text is tokenized with the run's vocabulary (the backbone's, resolved when the data is read: see
+  `moe_jax.data.vocab`), never with token ids a release may carry, so one data copy serves any model.
   """
-  features = {k: seqio.Feature(get_vocabulary(), add_eos=True) for k in ("inputs", "targets")}
+  features = {k: seqio.Feature(run_vocabulary(), add_eos=True) for k in ("inputs", "targets")}
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(name, source=source, output_features=features, metric_fns=list(metric_fns),
                          postprocess_fn=postprocess_fn,

@@ -21,7 +21,7 @@ import seqio
 import tensorflow as tf
 from t5.evaluation import metrics
 
-from moe_jax.data.vocab import get_vocabulary
+from moe_jax.data.vocab import run_vocabulary
 
 SPLIT_SIZES = {"test": 200, "validation": 200, "train": 2000}
 NUM_CHOICES = 4
@@ -218,11 +218,11 @@ def oracle_routing_ids(task_name: str, examples: Sequence[Any]) -> list[int]:
 
 
 def register(vocabulary: seqio.Vocabulary | None = None) -> None:
-  """(Re-)register every synthetic task and mixture; safe to call again, e.g. with another vocabulary.
+  """(Re-)register every synthetic task and mixture; safe to call again, e.g. with a fixed vocabulary.
 
-  The default vocabulary is `get_vocabulary()`, so gin bindings parsed before the first import apply.
+  The default is the run's vocabulary (`moe_jax.data.vocab.run_vocabulary`), resolved when the data is read.
   """
-  vocabulary = vocabulary or get_vocabulary()
+  vocabulary = vocabulary or run_vocabulary()
   features = {k: seqio.Feature(vocabulary, add_eos=True) for k in ("inputs", "targets")}
   for name in MIXTURES:
     seqio.MixtureRegistry.remove(name)

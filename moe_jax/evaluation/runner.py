@@ -5,8 +5,6 @@ Writes `results.json`, `results.md` and `predictions/<task>.jsonl` to `output_di
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,20 +12,25 @@ import gin
 import jax
 from tqdm.auto import tqdm
 
+from moe_jax import fs
+from moe_jax.data import vocab
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.t5 import Transformer
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import partitioning as part
-from moe_jax.training.loop import load_backbone
+from moe_jax.training.backbone import Backbone, check_same, load_backbone
 
 
-def load_expert_stack(paths: Sequence[str], config: T5Config) -> tuple[Any, list[dict[str, Any]]]:
+def load_expert_stack(paths: Sequence[str], config: T5Config,
+                      backbone: Backbone | None = None) -> tuple[Any, list[dict[str, Any]]]:
   """Expert or MoE files (or run dirs holding `expert.safetensors`) stacked in order on the expert axis, with
-  each file's metadata."""
+  each file's metadata; with `backbone`, every file must have been trained on its weights."""
   trees, metadata = [], []
   for path in paths:
     tree, meta = ckpt.load_experts(ckpt.expert_file(path), config)
+    if backbone is not None:
+      check_same(meta.get("backbone"), backbone, f"expert file {path}")
     trees.append(tree)
     metadata.append(meta)
   return ex.stack(trees, [m.get("task") or p for m, p in zip(metadata, paths)]), metadata
@@ -44,22 +47,33 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
   config = model_config or T5Config()
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone_shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
-  params = load_backbone(init_from, config, backbone_shardings, seed=0)
+  backbone = load_backbone(init_from, config, backbone_shardings, seed=0)
+  params = backbone.params
   layout = None
-  if expert_from:
-    stacked, metadata = load_expert_stack(expert_from, config)
-    layout = dataclasses.replace(experts or ExpertConfig(), num_experts=sum(m["num_experts"] for m in metadata))
+  if expert_from:  # the layout (modules, rank, count) comes from the files, not from gin
+    stacked, _ = load_expert_stack(expert_from, config, backbone)
+    modules, num_experts, rank = ex.layout(stacked)
+    layout = ex.layout_config(modules, num_experts, rank, experts)
     params = ex.merge(params, stacked)
   model = Transformer(config, layout)
   if expert_from:  # the experts onto the mesh as the rules shard them, not a replica on every device
     params = jax.device_put(params, part.logical_shardings(part.abstract_params(model), mesh, rules))
+  with vocab.using(backbone.vocabulary):
+    return _evaluate(model, params, tasks, output_dir, split, batch_size, feature_lengths, mode, length_normalize,
+                     max_examples, gin_config_str, config, backbone.vocabulary, mesh, rules)
+
+
+def _evaluate(model: Transformer, params: Any, tasks: Sequence[str], output_dir: str, split: str, batch_size: int,
+              feature_lengths: Mapping[str, int] | None, mode: str, length_normalize: bool, max_examples: int | None,
+              gin_config_str: str, config: T5Config, spec: vocab.VocabSpec, mesh: Any,
+              rules: Any) -> dict[str, dict[str, float]]:
+  """`evaluate` with the backbone's vocabulary active."""
   from moe_jax.data.pipeline import expand_tasks  # seqio only when evaluating
 
   names = expand_tasks(tasks)
+  vocab.check_tasks(names, spec, config.vocab_size, config.name)
   if jax.process_index() == 0 and gin_config_str:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(gin_config_str)
+    fs.write_text(fs.join(output_dir, "config.gin"), gin_config_str)
 
   from moe_jax.evaluation.evaluate import evaluate_task, write_results  # pylint: disable=g-import-not-at-top
 

@@ -43,6 +43,10 @@ def _check_same(reference: tuple[str, dict[str, Any], Any], candidate: tuple[str
   """Raise ValueError naming `candidate`'s file and the first thing that differs from `reference`."""
   ref_path, ref_meta, ref_tree = reference
   path, meta, tree = candidate
+  if (meta.get("backbone") or {}).get("weights") != (ref_meta.get("backbone") or {}).get("weights"):
+    raise ValueError(f"expert file {path} was trained on backbone {(meta.get('backbone') or {}).get('weights')}, "
+                     f"{ref_path} on {(ref_meta.get('backbone') or {}).get('weights')}: one MoE holds one backbone's "
+                     "experts")
   for key in _SHARED:
     if meta.get(key) != ref_meta.get(key):
       found, want = meta.get(key), ref_meta.get(key)
@@ -87,7 +91,8 @@ def concatenate(expert_files: Sequence[str] = gin.REQUIRED, output: str = gin.RE
       entries.append(entry)
   stacked = ex.stack([tree for _, _, tree in loaded], [path for path, _, _ in loaded])
   first = loaded[0][1]
-  metadata = {"base_model": first.get("base_model"), "fingerprint": first["fingerprint"], "modules": first["modules"],
+  metadata = {"base_model": first.get("base_model"), "fingerprint": first["fingerprint"],
+              "backbone": first.get("backbone"), "modules": first["modules"],
               "rank": first["rank"], "num_experts": len(entries), "experts": entries}
   ckpt.save_experts(output, stacked, metadata)
   return output

@@ -24,6 +24,7 @@ import numpy as np
 from moe_jax.evaluation.scoring import pad_tokens
 from moe_jax.methods import average_activation, merged, retrieval
 from moe_jax.methods.concatenate import concatenate
+from moe_jax.data import vocab
 from moe_jax.methods.routing import routing_shares
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
@@ -33,8 +34,10 @@ from moe_jax.plots import plot_routing
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import loop
 from moe_jax.training import partitioning as part
+from moe_jax.training.backbone import check_same
 
-METHODS = ("multitask", "merged", "uniform", "phatgoose", "average_activation", "retrieval", "oracle")
+METHODS = ("multitask", "merged", "merged_factors", "uniform", "phatgoose", "average_activation", "retrieval",
+           "oracle")
 # The score reported per task: the first of these its metric functions give (rank classification gives accuracy).
 PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
 
@@ -84,6 +87,7 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
     with open(os.path.join(run_dir, "config.gin"), "w", encoding="utf-8") as f:
       f.write(gin_config_str)
 
+  common["gin_config_str"] = gin_config_str  # every stage writes its config.gin too
   if multitask_steps > 0:
     backbone_dir = os.path.join(run_dir, "multitask")
     loop.train(model_dir=backbone_dir, mixture_or_task_name=base_mixture, stage="multitask",
@@ -92,21 +96,25 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
     raise ValueError("phatgoose_pipeline: multitask_steps=0 needs init_from (a pretrained backbone)")
   else:
     backbone_dir = init_from
+  mesh, rules = part.make_mesh(), part.axis_rules()
+  backbone = loop.load_backbone(backbone_dir, config, part.logical_shardings(
+      part.abstract_params(Transformer(config)), mesh, rules), seed=0)  # once, for every stage below
   gate_files = []
   for task in expert_tasks:
     expert_dir = os.path.join(run_dir, "experts", task)
     loop.train(model_dir=expert_dir, mixture_or_task_name=task, stage="expert", total_steps=expert_steps,
-               init_from=backbone_dir, experts=experts, **common)
+               init_from=backbone_dir, experts=experts, backbone=backbone, **common)
     gate_files.append(loop.train(model_dir=os.path.join(run_dir, "gates", task), mixture_or_task_name=task,
                                  stage="gate", total_steps=gate_steps, init_from=backbone_dir,
-                                 expert_from=expert_dir, experts=experts, **common))
+                                 expert_from=expert_dir, experts=experts, backbone=backbone, **common))
 
   moe_file = os.path.join(run_dir, "moe.safetensors")
   if not os.path.exists(moe_file):
     concatenate(gate_files, moe_file)
-  return evaluate_methods(run_dir, config, backbone_dir, moe_file, expert_tasks, eval_tasks, methods, top_k,
-                          experts, eval_split, max_eval_examples, activation_examples, retrieval_examples,
-                          eval_batch_size, lengths, multitask_from)
+  with vocab.using(backbone.vocabulary):
+    return evaluate_methods(run_dir, config, backbone, moe_file, expert_tasks, eval_tasks, methods, top_k,
+                            experts, eval_split, max_eval_examples, activation_examples, retrieval_examples,
+                            eval_batch_size, lengths, multitask_from)
 
 
 def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
@@ -116,15 +124,20 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
   method's parameters, if not the backbone's)."""
   from moe_jax.data.pipeline import mixture_examples, train_batches  # pylint: disable=g-import-not-at-top
 
-  num = len(expert_tasks)
-  layout = lambda router: dataclasses.replace(experts or ExpertConfig(), num_experts=num, router=router)
+  modules, num, rank = ex.layout(moe_tree)  # the layout comes from the MoE file, not from gin
+  layout = lambda router: ex.layout_config(modules, num, rank, dataclasses.replace(experts or ExpertConfig(),
+                                                                                   router=router))
   with_experts = ex.merge(backbone, moe_tree)
   built: dict[str, Method] = {}
   for name in names:
     if name == "multitask":
       built[name] = Method(Transformer(config), backbone if multitask is None else multitask)
-    elif name == "merged":
-      built[name] = Method(Transformer(config), merged.merge_into_backbone(backbone, moe_tree))
+    elif name == "merged":  # the paper's Merged Experts: W + mean_i B_i A_i / r, kept apart from W under bf16
+      merged_config, params = merged.merged_experts(config, backbone, moe_tree)
+      built[name] = Method(Transformer(merged_config), params)
+    elif name == "merged_factors":  # the released code's average_lora_weights: mean A, mean B, one LoRA
+      one = ex.layout_config(modules, 1, rank, dataclasses.replace(experts or ExpertConfig(), router=Uniform()))
+      built[name] = Method(Transformer(config, one), ex.merge(backbone, merged.average_factors(moe_tree)))
     elif name == "uniform":
       built[name] = Method(Transformer(config, layout(Uniform())), with_experts)
     elif name == "phatgoose":
@@ -168,7 +181,7 @@ def _oracle_expert(task: str, expert_tasks: Sequence[str]) -> int:
   return list(expert_tasks).index(skill_of(task))
 
 
-def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file: str, expert_tasks: Sequence[str],
+def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe_file: str, expert_tasks: Sequence[str],
                      eval_tasks: Sequence[str], methods: Sequence[str], top_k: int, experts: ExpertConfig | None,
                      split: str, max_examples: int | None, activation_examples: int, retrieval_examples: int,
                      batch_size: int, lengths: Mapping[str, int], multitask_from: str | None = None) -> str:
@@ -178,12 +191,19 @@ def evaluate_methods(run_dir: str, config: T5Config, backbone_dir: str, moe_file
 
   mesh, rules = part.make_mesh(), part.axis_rules()
   shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
-  backbone = loop.load_backbone(backbone_dir, config, shardings, seed=0)
+  backbone = loaded.params
   moe_tree, metadata = ckpt.load_experts(moe_file, config)
+  check_same(metadata.get("backbone"), loaded, f"MoE file {moe_file}")
   order = [e["task"] for e in metadata.get("experts", [])] or list(expert_tasks)
   if order != list(expert_tasks):
     raise ValueError(f"{moe_file} holds experts {order}, but the pipeline expects {list(expert_tasks)}")
-  multitask = None if multitask_from is None else loop.load_backbone(multitask_from, config, shardings, seed=0)
+  multitask = None
+  if multitask_from is not None:
+    baseline = loop.load_backbone(multitask_from, config, shardings, seed=0)
+    if baseline.vocabulary.record() != loaded.vocabulary.record():
+      raise ValueError(f"multitask_from={multitask_from!r} reads {baseline.vocabulary.describe()}, but the backbone "
+                       f"reads {loaded.vocabulary.describe()}: the methods must score the same tokens")
+    multitask = baseline.params
   built = build_methods(methods, config, backbone, moe_tree, expert_tasks, top_k, experts, activation_examples,
                         retrieval_examples, lengths, multitask)
   table: dict[str, dict[str, float]] = {}

@@ -7,28 +7,32 @@ Stages and what each leaves in `model_dir` (data flows one way):
 With `validate_every`, expert and gate runs also keep `best.safetensors` (the lowest validation loss so far), which
 becomes the product.
 Every stage also writes `config.gin` (the effective configuration), `checkpoints/` (orbax; resumed automatically),
-`metrics.jsonl` and `tensorboard/`. A stage whose product exists is skipped. SIGTERM (preemption) saves a checkpoint
-of the current step and exits with status 143; the same command then resumes (`moe_jax.training.preemption`).
+`metrics.jsonl` and `tensorboard/`. Products and checkpoints record the backbone's weights checksum and vocabulary, the
+task and the stage's settings (`stage_record`): a stage whose product exists is skipped only when that record is
+what this run would make. SIGTERM (preemption) saves a checkpoint of the current step and exits with status 143; the
+same command then resumes (`moe_jax.training.preemption`). Paths may be local or URLs (`moe_jax.fs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import inspect
+import json
 import sys
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from moe_jax.checkpoints.hf import CONFIG_FILE, load_hf_t5
+from moe_jax import fs
+from moe_jax.checkpoints import identity
+from moe_jax.data import vocab
+from moe_jax.errors import ConfigError, MismatchError, MissingFileError
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.routers import SigmoidGate, Uniform
@@ -36,18 +40,19 @@ from moe_jax.models.t5 import Transformer
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
-from moe_jax.training.metrics import MetricsWriter
+from moe_jax.training.backbone import BACKBONE_DIR, Backbone, check_same, load_backbone, read_backbone_metadata
+from moe_jax.training.backbone import save_backbone
+from moe_jax.training.metrics import METRICS_FILE, MetricsWriter
 from moe_jax.training.preemption import Preempted, PreemptionWatch
 from moe_jax.training.train_step import create_train_state, make_eval_loss, make_train_step
-from moe_jax.training.validation import KeepBest
+from moe_jax.training.validation import BEST_FILE, KeepBest
 
-BACKBONE_DIR = "backbone"
 CHECKPOINT_DIR = "checkpoints"
 
 
 def stage_product(model_dir: str, stage: str) -> str:
   """Where a finished stage's product lives."""
-  return os.path.join(model_dir, BACKBONE_DIR if stage == "multitask" else ckpt.EXPERT_FILE)
+  return fs.join(model_dir, BACKBONE_DIR if stage == "multitask" else ckpt.EXPERT_FILE)
 
 
 def stage_experts(stage: str, experts: ExpertConfig | None) -> ExpertConfig | None:
@@ -60,142 +65,193 @@ def stage_experts(stage: str, experts: ExpertConfig | None) -> ExpertConfig | No
   return dataclasses.replace(base, num_experts=1, router=router)
 
 
-def load_backbone(init_from: str | None, config: T5Config, shardings: Any, seed: int) -> Any:
-  """Backbone parameters (no experts): random (`init_from=None`), a Hugging Face T5 directory, or the `backbone/`
-  of a multitask run (`init_from` = that run's model_dir or the backbone dir itself)."""
-  if init_from is None:
-    tokens = jnp.ones((1, 1), jnp.int32)
-    init = lambda: nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(seed), tokens, tokens))["params"]
-    return jax.jit(init, out_shardings=shardings)()
-  if not os.path.exists(init_from) and not init_from.startswith("gs://"):
-    raise FileNotFoundError(f"init_from={init_from!r} does not exist (expected a Hugging Face T5 directory or the "
-                            "model_dir of a multitask run)")
-  if os.path.isfile(os.path.join(init_from, CONFIG_FILE)):
-    return load_hf_t5(init_from, config)
-  directory = os.path.join(init_from, BACKBONE_DIR) if os.path.isdir(os.path.join(init_from, BACKBONE_DIR)) \
-      else init_from
-  return restore_backbone(directory, config, shardings)
+def expert_key(seed: int, task: str) -> jax.Array:
+  """The key of a task's fresh expert (its LoRA A): the run's seed and the task name, so experts of different
+  tasks start apart and the same task starts the same way in every run."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(task.encode("utf-8")))
 
 
-def save_backbone(directory: str, params: Any, config: T5Config) -> None:
-  """Orbax save of the backbone with the model's fingerprint (atomic: a temporary directory renamed when done)."""
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(os.path.abspath(directory), args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        metadata=ocp.args.JsonSave({"model_name": config.name, "fingerprint": config.fingerprint()})))
-
-
-def restore_backbone(directory: str, config: T5Config, shardings: Any) -> Any:
-  """Backbone saved by `save_backbone`, placed per `shardings`; refuses one written for another model."""
-  path = os.path.abspath(directory)
-  if not os.path.isdir(os.path.join(path, "metadata")):
-    raise FileNotFoundError(f"no backbone checkpoint in {directory} (expected a multitask run's {BACKBONE_DIR}/)")
-  abstract = nn.meta.unbox(part.abstract_params(Transformer(config)))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    found = checkpointer.restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-    if found.get("fingerprint") != config.fingerprint():
-      raise ValueError(f"backbone checkpoint {directory} belongs to model {found.get('model_name')!r} (fingerprint "
-                       f"{found.get('fingerprint')}), but this run's model is {config.name!r} "
-                       f"(fingerprint {config.fingerprint()})")
-    return checkpointer.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
-
-
-def load_expert_file(path: str, config: T5Config, experts: ExpertConfig) -> Any:
-  """Expert leaves from an expert stage's file, checked against the backbone and the configured modules."""
+def load_expert_file(path: str, config: T5Config, experts: ExpertConfig, backbone: Backbone) -> tuple[Any, dict]:
+  """(expert leaves, metadata) of an expert stage's file, checked against the backbone it must have been trained
+  on and the configured layout."""
   try:
     path = ckpt.expert_file(path)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{e}: run the expert stage first (train.expert_from)") from None
+    raise MissingFileError(f"{e}: run the expert stage first (train.expert_from)") from None
   params, metadata = ckpt.load_experts(path, config)
+  check_same(metadata.get("backbone"), backbone, f"expert file {path} (task {metadata.get('task')!r})")
   expected = jax.eval_shape(lambda: ex.init_experts(config, experts, jax.random.PRNGKey(0)))
   mismatch = ex.first_mismatch(params, expected)
   if mismatch:
-    raise ValueError(f"expert file {path} (task {metadata.get('task')!r}) does not fit this model at {mismatch[0]}: "
-                     f"found {mismatch[1]}, expected {mismatch[2]}")
-  return params
+    raise MismatchError(f"expert file {path} (task {metadata.get('task')!r}) does not fit this model at "
+                        f"{mismatch[0]}: found {mismatch[1]}, expected {mismatch[2]}")
+  return params, metadata
 
 
-@gin.configurable(denylist=["gin_config_str"])
+def effective_settings(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+  """A gin configurable's arguments as a call would see them: its defaults, overridden by the gin bindings."""
+  bound = gin.get_bindings(fn)
+  return {name: bound.get(name, p.default) for name, p in inspect.signature(fn).parameters.items()
+          if name not in skip and p.default is not inspect.Parameter.empty}
+
+
+def stage_record(stage: str, task: str, config: T5Config, layout: ExpertConfig | None, **settings: Any
+                 ) -> dict[str, Any]:
+  """What decides a stage's product besides its backbone: the stage, task, model, expert layout, the loop's settings
+  and the optimizer, step and data settings gin gives them. Products record it (with its hash); a run whose record
+  differs does not reuse them. Sharding, microbatching, logging and checkpoint cadence are left out: they do not
+  change what is computed."""
+  return identity.plain({
+      "stage": stage, "task": task, "model": {**config.architecture(), "dtype": config.dtype},
+      "experts": None if layout is None else {"modules": layout.modules, "rank": layout.rank,
+                                              "init_std": layout.init_std},
+      **settings,
+      "optimizer": effective_settings(opt.make_optimizer, ("total_steps",)),
+      "train_step": effective_settings(make_train_step, ("num_microbatches",)),
+      "data": {"pack": bool(gin.get_bindings("moe_jax.data.pipeline.train_batches").get("pack", False))},
+  })
+
+
+def _product_record(product: str, stage: str) -> dict[str, Any]:
+  """The record an existing product was made with (see `stage_record`), in the form `_expected_record` gives."""
+  found = read_backbone_metadata(product) if stage == "multitask" else ckpt.read_expert_metadata(product)
+  backbone = found.get("parent") if stage == "multitask" else found.get("backbone")
+  return {"backbone_weights": (backbone or {}).get("weights"),
+          "vocabulary": (backbone or {}).get("vocabulary"), "config": found.get("config")}
+
+
+def _expected_record(backbone: Backbone, record: dict[str, Any]) -> dict[str, Any]:
+  return {"backbone_weights": backbone.weights, "vocabulary": backbone.vocabulary.record(), "config": record}
+
+
+def _clear(model_dir: str, checkpoint_dir: str, product: str) -> None:
+  """Remove what an earlier, different run left in `model_dir` (overwrite=True)."""
+  for path in (product, fs.join(model_dir, BEST_FILE), checkpoint_dir, fs.join(model_dir, METRICS_FILE)):
+    fs.remove(path)
+
+
+@gin.configurable(denylist=["gin_config_str", "backbone"])
 def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED, stage: str = "multitask",
           model_config: T5Config | None = None, experts: ExpertConfig | None = None,
           feature_lengths: Mapping[str, int] | None = None, batch_size: int = 1024,
           num_microbatches: int = 1, total_steps: int = 1000, init_from: str | None = None,
           expert_from: str | None = None, save_every: int = 100, log_every: int = 10, seed: int = 42,
-          resume: bool = True, validate_every: int = 0, validation_batches: int = 8,
-          gin_config_str: str = "") -> str:
+          resume: bool = True, validate_every: int = 0, validation_batches: int = 8, overwrite: bool = False,
+          checkpoint_dir: str | None = None, gin_config_str: str = "", backbone: Backbone | None = None) -> str:
   """Train one stage and return the path of its product (see the module docstring).
 
   `batch_size` is the global batch per optimizer step, split into `num_microbatches` accumulated microbatches
-  (PHATGOOSE: 1024). `resume=True` continues from the newest checkpoint in `model_dir/checkpoints` when there is
-  one; a run with the same data and configuration then ends with the same parameters as an uninterrupted one.
-  `validate_every > 0` (expert and gate stages; PHATGOOSE: 100) computes the loss on `validation_batches` batches
-  of the validation split every that many steps and at the end, and the product is the expert with the lowest one
-  (`moe_jax.training.validation`); 0 keeps the last step's.
+  (PHATGOOSE: 1024). `resume=True` continues from the newest checkpoint in `checkpoint_dir` (default
+  `model_dir/checkpoints`) when there is one; a run with the same data and configuration then ends with the same
+  parameters as an uninterrupted one. `validate_every > 0` (expert and gate stages; PHATGOOSE: 100) computes the
+  loss on `validation_batches` batches of the validation split every that many steps and at the end, and the
+  product is the expert with the lowest one (`moe_jax.training.validation`); 0 keeps the last step's.
+
+  An existing product is reused only when it was made on this backbone's weights with this stage's settings
+  (`stage_record`); otherwise the run stops, saying what differs, unless `overwrite=True`, which replaces the
+  product and the checkpoints of the other run. `backbone`: an already loaded `Backbone` (the pipeline loads it
+  once for all its stages); else `init_from` is loaded.
   """
   config = model_config or T5Config()
-  model_dir = model_dir if "://" in model_dir else os.path.abspath(model_dir)  # orbax wants absolute paths
+  model_dir = fs.absolute(model_dir)
+  checkpoint_dir = fs.absolute(checkpoint_dir or fs.join(model_dir, CHECKPOINT_DIR))
   if stage not in opt.STAGES:
-    raise ValueError(f"train.stage={stage!r}; expected one of {opt.STAGES}")
+    raise ConfigError(f"train.stage={stage!r}; expected one of {opt.STAGES}")
   if stage == "gate" and expert_from is None:
-    raise ValueError("train.stage='gate' needs train.expert_from (the expert stage's model_dir or expert file)")
+    raise ConfigError("train.stage='gate' needs train.expert_from (the expert stage's model_dir or expert file)")
   if batch_size % num_microbatches:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by train.num_microbatches={num_microbatches}")
+    raise ConfigError(f"train.batch_size={batch_size} is not divisible by train.num_microbatches={num_microbatches}")
   if validate_every and stage == "multitask":
-    raise ValueError("train.validate_every keeps the best expert: it applies to the expert and gate stages only")
-  product = stage_product(model_dir, stage)
-  if os.path.exists(product):
-    print(f"{stage} stage already done: {product}")
-    return product
-  os.makedirs(model_dir, exist_ok=True)
-  if jax.process_index() == 0 and gin_config_str:
-    with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(gin_config_str)
-
+    raise ConfigError("train.validate_every keeps the best expert: it applies to the expert and gate stages only")
   mesh, rules = part.make_mesh(), part.axis_rules()
   shards = part.batch_shards(mesh, rules)
   if (batch_size // num_microbatches) % shards:
-    raise ValueError(f"train.batch_size={batch_size} / num_microbatches={num_microbatches} is not divisible by the "
-                     f"{shards} batch shards of the mesh (data x fsdp x expert)")
+    raise ConfigError(f"train.batch_size={batch_size} / num_microbatches={num_microbatches} is not divisible by the "
+                      f"{shards} batch shards of the mesh (data x fsdp x expert)")
   if batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
-  layout = stage_experts(stage, experts)
-  model = Transformer(config, layout)
+    raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
   backbone_model = Transformer(config)
-  backbone_shardings = part.logical_shardings(part.abstract_params(backbone_model), mesh, rules)
-  params = load_backbone(init_from, config, backbone_shardings, seed)
-  if stage == "expert":
-    params = ex.merge(params, ex.init_experts(config, layout, jax.random.PRNGKey(seed)))
-  elif stage == "gate":
-    params = ex.merge(params, load_expert_file(expert_from, config, layout))
+  if backbone is None:
+    backbone = load_backbone(init_from, config, part.logical_shardings(part.abstract_params(backbone_model), mesh,
+                                                                       rules), seed)
+  with vocab.using(backbone.vocabulary):
+    return _train_stage(model_dir, checkpoint_dir, mixture_or_task_name, stage, config, experts,
+                        dict(feature_lengths or {"inputs": 512, "targets": 128}), batch_size, num_microbatches,
+                        total_steps, expert_from, save_every, log_every, seed, resume, validate_every,
+                        validation_batches, overwrite, gin_config_str, backbone, mesh, rules)
 
+
+def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, config: T5Config,
+                 experts: ExpertConfig | None, lengths: dict[str, int], batch_size: int, num_microbatches: int,
+                 total_steps: int, expert_from: str | None, save_every: int, log_every: int, seed: int,
+                 resume: bool, validate_every: int, validation_batches: int, overwrite: bool, gin_config_str: str,
+                 backbone: Backbone, mesh: Any, rules: Any) -> str:
+  """`train` after its checks, with the backbone loaded and its vocabulary active."""
+  from moe_jax.data import pipeline  # the seqio data layer (TensorFlow) only when training
+
+  layout = stage_experts(stage, experts)
+  # The train step donates its state: a copy keeps the (shared, possibly preloaded) backbone's arrays alive.
+  params = jax.tree.map(lambda x: x.copy(), backbone.params)
+  parent = None
+  if stage == "expert":
+    params = ex.merge(params, ex.init_experts(config, layout, expert_key(seed, task)))
+  elif stage == "gate":
+    expert_params, expert_meta = load_expert_file(expert_from, config, layout, backbone)
+    params = ex.merge(params, expert_params)
+    parent = {"config_hash": expert_meta.get("config_hash"), "weights": identity.weights_checksum(expert_params)}
+  record = stage_record(stage, task, config, layout, total_steps=total_steps, batch_size=batch_size,
+                        feature_lengths=dict(sorted(lengths.items())), seed=seed, validate_every=validate_every,
+                        validation_batches=validation_batches if validate_every else None, expert=parent)
+  product = stage_product(model_dir, stage)
+  if fs.exists(product):
+    differs = identity.differences(_product_record(product, stage), _expected_record(backbone, record))
+    if not differs:
+      print(f"{stage} stage already done: {product}")
+      return product
+    if not overwrite:
+      raise MismatchError(f"{product} was made by another run ({'; '.join(differs[:4])}): rerun with "
+                          "--gin.train.overwrite=True to replace it, or choose a new model_dir")
+    _clear(model_dir, checkpoint_dir, product)
+  fs.makedirs(model_dir)
+  if jax.process_index() == 0 and gin_config_str:
+    fs.write_text(fs.join(model_dir, "config.gin"), f"{gin_config_str}\n# This stage's settings, as its product "
+                  f"records them (config_hash {identity.config_hash(record)}):\n# {json.dumps(record)}\n")
+  vocab.check_tasks([task], backbone.vocabulary, config.vocab_size, config.name)
+
+  model = Transformer(config, layout)
   optimizer = opt.make_optimizer(stage, part.abstract_params(model), total_steps=total_steps)
   state = create_train_state(params, model, optimizer, mesh, rules)
   del params
-  checkpointer = ckpt.Checkpointer(os.path.join(model_dir, CHECKPOINT_DIR),
-                                   ckpt.checkpoint_metadata(stage, config, layout, mixture_or_task_name))
+  checkpointer = ckpt.Checkpointer(checkpoint_dir, ckpt.checkpoint_metadata(stage, config, layout, task,
+                                                                            backbone.record(), record))
   data_position = 0
   if resume and checkpointer.latest_step() is not None:
-    state, data_position = checkpointer.restore(state)
-    print(f"resumed from {model_dir}/{CHECKPOINT_DIR} at step {int(state.step)}")
+    try:
+      state, data_position = checkpointer.restore(state)
+      print(f"resumed from {checkpoint_dir} at step {int(state.step)}")
+    except MismatchError:
+      if not overwrite:
+        raise
+      checkpointer.close()
+      _clear(model_dir, checkpoint_dir, product)
+      checkpointer = ckpt.Checkpointer(checkpoint_dir, ckpt.checkpoint_metadata(stage, config, layout, task,
+                                                                                backbone.record(), record))
 
-  from moe_jax.data import pipeline  # the seqio data layer (TensorFlow) only when training
-
-  lengths = dict(feature_lengths or {"inputs": 512, "targets": 128})
-  batches = pipeline.train_batches(mixture_or_task_name, lengths, batch_size // jax.process_count(), seed=seed,
-                          start_batch=data_position, shard_index=jax.process_index(),
-                          num_shards=jax.process_count())
+  batches = pipeline.train_batches(task, lengths, batch_size // jax.process_count(), seed=seed,
+                                   start_batch=data_position, shard_index=jax.process_index(),
+                                   num_shards=jax.process_count())
   step_fn = make_train_step(model, optimizer, stage, mesh, rules, num_microbatches)
-  writer = MetricsWriter(model_dir)
+  writer = MetricsWriter(model_dir, resume_step=int(state.step))
+  product_metadata = {"stage": stage, "backbone": backbone.record(), "config": record,
+                      "config_hash": identity.config_hash(record)}
   keep_best = None
   if validate_every:
-    held_out = pipeline.validation_batches(mixture_or_task_name, lengths, batch_size // num_microbatches
-                                           // jax.process_count(), validation_batches, jax.process_index(),
-                                           jax.process_count())
+    held_out = pipeline.validation_batches(task, lengths, batch_size // num_microbatches // jax.process_count(),
+                                           validation_batches, jax.process_index(), jax.process_count())
     keep_best = KeepBest(model_dir, make_eval_loss(model, mesh, rules), held_out, mesh, rules, validate_every, config,
-                         mixture_or_task_name, stage)
+                         task, product_metadata)
   start = int(state.step)
-  bar = tqdm(total=total_steps, initial=start, desc=f"{stage} {mixture_or_task_name}", unit="step",
+  bar = tqdm(total=total_steps, initial=start, desc=f"{stage} {task}", unit="step",
              disable=jax.process_index() != 0)
   try:
     with PreemptionWatch() as watch:
@@ -207,12 +263,13 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
     checkpointer.close()
     writer.close()
   if stage == "multitask":
-    save_backbone(product, state.params, config)
+    save_backbone(product, state.params, config, {
+        "task": task, "config": record, "config_hash": identity.config_hash(record), "parent": backbone.record(),
+        "vocabulary": backbone.vocabulary.record(), "vocabulary_path": backbone.vocabulary.path})
   elif keep_best is not None:
     keep_best.finish(product)
   else:
-    ckpt.save_experts(product, state.params, ckpt.expert_metadata(state.params, config, mixture_or_task_name,
-                                                                  stage=stage))
+    ckpt.save_experts(product, state.params, ckpt.expert_metadata(state.params, config, task, **product_metadata))
   return product
 
 

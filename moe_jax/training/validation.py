@@ -7,8 +7,6 @@ from that file, so an interruption never forgets the best expert.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from moe_jax import fs
 from moe_jax.models.config import T5Config
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import partitioning as part
@@ -28,12 +27,13 @@ class KeepBest:
   """Validation every `every` steps with `eval_loss(params, batch)` (`train_step.make_eval_loss`) on `batches`."""
 
   def __init__(self, model_dir: str, eval_loss: Any, batches: Sequence[dict[str, np.ndarray]], mesh: Any,
-               rules: Any, every: int, config: T5Config, task: str, stage: str):
-    self.path = os.path.join(model_dir, BEST_FILE)
+               rules: Any, every: int, config: T5Config, task: str, record: dict[str, Any]):
+    """`record`: the product's metadata besides the expert layout (stage, backbone, config; see `loop.train`)."""
+    self.path = fs.join(model_dir, BEST_FILE)
     self.eval_loss, self.mesh, self.rules, self.every = eval_loss, mesh, rules, every
     self.batches = [part.shard_batch(b, mesh, rules) for b in batches]
-    self.config, self.task, self.stage = config, task, stage
-    self.best = ckpt.load_experts(self.path)[1]["validation_loss"] if os.path.isfile(self.path) else math.inf
+    self.config, self.task, self.record = config, task, record
+    self.best = ckpt.read_expert_metadata(self.path)["validation_loss"] if fs.isfile(self.path) else math.inf
 
   def loss(self, params: Any) -> float:
     """The loss-weighted mean over the validation batches."""
@@ -50,13 +50,11 @@ class KeepBest:
     if loss < self.best:
       self.best = loss
       ckpt.save_experts(self.path, state.params, ckpt.expert_metadata(
-          state.params, self.config, self.task, stage=self.stage, step=step, validation_loss=loss))
+          state.params, self.config, self.task, **self.record, step=step, validation_loss=loss))
 
   def finish(self, product: str) -> None:
     """The best expert becomes the product (copied, then renamed into place)."""
     if jax.process_index() == 0:
-      tmp = f"{product}.tmp-{os.getpid()}"
-      shutil.copyfile(self.path, tmp)
-      os.replace(tmp, product)
+      fs.copy(self.path, product)
     if jax.process_count() > 1:  # the next stage, on every process, reads the product
       multihost_utils.sync_global_devices(f"keep best {product}")
