@@ -181,9 +181,15 @@ def test_evaluate_stacked_experts(backbone_dir, tmp_path):
 
   first = _train(tmp_path / "e1", "expert", 2, init_from=str(backbone_dir))
   second = loop.train(model_dir=str(tmp_path / "e2"), mixture_or_task_name="synthetic_sort", stage="expert",
-                      model_config=TINY, feature_lengths=LENGTHS, batch_size=8, total_steps=2)
-  with pytest.raises(ValueError, match="belongs to model"):  # an expert of another backbone is refused
+                      model_config=TINY, feature_lengths=LENGTHS, batch_size=8, total_steps=2,
+                      init_from=str(backbone_dir))
+  stray = loop.train(model_dir=str(tmp_path / "e3"), mixture_or_task_name="synthetic_sort", stage="expert",
+                     model_config=TINY, feature_lengths=LENGTHS, batch_size=8, total_steps=1)
+  with pytest.raises(ValueError, match="belongs to model"):  # an expert of another architecture is refused
     runner.load_expert_stack([first], T5Config(**{**TINY.__dict__, "d_ff": 48}))
+  with pytest.raises(ValueError, match="was trained on backbone random"):  # same shapes, other weights
+    runner.evaluate(output_dir=str(tmp_path / "stray"), tasks=["synthetic_reverse"], model_config=TINY,
+                    init_from=str(backbone_dir), expert_from=[stray], feature_lengths=LENGTHS, max_examples=2)
 
   def run(out, files, expert):
     metrics = runner.evaluate(output_dir=str(tmp_path / out), tasks=["synthetic_reverse"], model_config=TINY,
@@ -220,7 +226,7 @@ def test_validation_keeps_the_best_expert(backbone_dir, tmp_path):
   layout = loop.stage_experts("expert", None)
   model = Transformer(TINY, layout)
   backbone = loop.load_backbone(str(backbone_dir), TINY, part.logical_shardings(
-      part.abstract_params(Transformer(TINY)), mesh, rules), seed=0)
+      part.abstract_params(Transformer(TINY)), mesh, rules), seed=0).params
   eval_loss = make_eval_loss(model, mesh, rules)
   batches = pipeline.validation_batches("synthetic_reverse", LENGTHS, 8, 2)
   totals = [eval_loss(ex.merge(backbone, params), part.shard_batch(b, mesh, rules)) for b in batches]
