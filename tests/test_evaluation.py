@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import seqio
+from rouge_score import rouge_scorer
+from t5.evaluation import metrics
 
 from moe_jax.evaluation import (choice_log_likelihoods, evaluate_task, greedy_generate, pad_tokens, rank_classify,
                                 write_results)
@@ -81,7 +84,6 @@ def test_log_likelihoods_match_numpy_log_softmax(routed):
 
 @pytest.mark.parametrize("length_normalize", [False, True])
 def test_rank_classification_matches_t5(plain, length_normalize):
-  metrics = pytest.importorskip("t5.evaluation.metrics")
   model, params = plain
   for seed, max_choices in ((1, 4), (2, 2)):  # variable choices per example; exactly two per example
     inputs, choices = _data(seed, n=24, max_choices=max_choices)
@@ -150,7 +152,8 @@ def test_evaluation_imports_without_tensorflow():
 
 
 def test_evaluate_task_on_synthetic(plain, routed, tmp_path):
-  pytest.importorskip("seqio")
+  """The model path end to end: records for every example, a prediction among its choices, routing ids reaching
+  the experts. The metrics themselves are checked on known scores below."""
   from tasks import synthetic
 
   lengths = synthetic.FEATURE_LENGTHS
@@ -158,16 +161,13 @@ def test_evaluate_task_on_synthetic(plain, routed, tmp_path):
   rank = evaluate_task(model, params, "synthetic_sort_heldout", batch_size=4, feature_lengths=lengths,
                        max_examples=10)
   assert rank["mode"] == "rank" and set(rank["metrics"]) == {"accuracy"} and len(rank["predictions"]) == 10
-  chosen = [np.argmax(np.array(p["scores"]) / np.array(p["lengths"])) for p in rank["predictions"]]
-  correct = [p["choices"][c] == p["target"] for p, c in zip(rank["predictions"], chosen)]
-  assert rank["metrics"]["accuracy"] == pytest.approx(100 * np.mean(correct))
-  assert all(p["prediction"] in p["choices"] for p in rank["predictions"])
+  assert 0.0 <= rank["metrics"]["accuracy"] <= 100.0
+  for p in rank["predictions"]:
+    assert p["prediction"] == p["choices"][int(np.argmax(np.array(p["scores"]) / np.array(p["lengths"])))]
 
   gen = evaluate_task(model, params, "synthetic_sort_heldout", batch_size=4, feature_lengths=lengths,
                       mode="generate", max_examples=6)
-  assert set(gen["metrics"]) == {"exact_match"}
-  assert gen["metrics"]["exact_match"] == pytest.approx(
-      100 * np.mean([p["prediction"] == p["target"] for p in gen["predictions"]]))
+  assert set(gen["metrics"]) == {"exact_match"} and len(gen["predictions"]) == 6
 
   model, params = routed
   routed_scores = [
@@ -180,3 +180,71 @@ def test_evaluate_task_on_synthetic(plain, routed, tmp_path):
                 {"synthetic_sort_heldout": rank["predictions"]})
   record = json.loads((tmp_path / "predictions" / "synthetic_sort_heldout.jsonl").read_text().splitlines()[0])
   assert set(record) == {"input", "target", "prediction", "choices", "scores", "lengths"}
+
+
+def test_synthetic_metrics_on_known_scores_and_predictions(monkeypatch):
+  """evaluate_task's metric path on hand-chosen model outputs (the model is never called).
+
+  Rank: 4 examples, 4 choices each (one correct). Example i gets log-likelihood -1 for choice c_i and -5 for the
+  others, each choice counted as 1 token, with c_i = its correct choice for examples 0 and 2 and the first wrong
+  choice for 1 and 3 -> 2 of 4 right = 50%.
+  Generate: predictions = the target for examples 0, 1 and 3, the target with its last character dropped for 2
+  -> 3 of 4 = 75% exact match.
+  """
+  from moe_jax.data.pipeline import eval_examples
+  from tasks import synthetic
+
+  lengths = synthetic.FEATURE_LENGTHS
+  examples = eval_examples("synthetic_sort_heldout", "validation", lengths, 4)
+  right = [e["answer_choices"].index(e["targets_pretokenized"]) for e in examples]
+  wrong = [next(j for j in range(4) if j != r) for r in right]
+  picked = [right[0], wrong[1], right[2], wrong[3]]
+  scores = np.full((4, 4), -5.0, np.float32)
+  scores[np.arange(4), picked] = -1.0
+  monkeypatch.setattr("moe_jax.evaluation.evaluate.choice_log_likelihoods",
+                      lambda *args, **kwargs: (scores, np.ones((4, 4), np.int32)))
+  rank = evaluate_task(None, None, "synthetic_sort_heldout", feature_lengths=lengths, max_examples=4)
+  assert rank["metrics"] == {"accuracy": pytest.approx(50.0)}
+  assert [p["prediction"] for p in rank["predictions"]] == [e["answer_choices"][j] for e, j in zip(examples, picked)]
+
+  texts = [e["targets_pretokenized"] for e in examples]
+  texts[2] = texts[2][:-1]
+  vocab = seqio.ByteVocabulary()
+  monkeypatch.setattr("moe_jax.evaluation.evaluate.greedy_generate", lambda model, params, inputs, max_length, *a:
+                      pad_tokens([np.array(vocab.encode(t) + [1]) for t in texts], max_length))
+  gen = evaluate_task(None, None, "synthetic_sort_heldout", feature_lengths=lengths, mode="generate", max_examples=4)
+  assert gen["metrics"] == {"exact_match": pytest.approx(75.0)}
+
+
+def test_exact_match_metrics_on_hand_labelled_examples():
+  from tasks import common, synthetic
+
+  # synthetic: exact string equality, no stripping: "abc" = "abc" right, "de" vs "d" wrong, "f" vs "f " wrong,
+  # "" = "" right -> 2 of 4 = 50%.
+  assert synthetic.exact_match(["abc", "de", "f", ""], ["abc", "d", "f ", ""]) == {"exact_match": 50.0}
+  # any reference, after stripping: " yes" in [yes, y] right, "no" in [nope] wrong, "2" in [two, 2 ] right
+  # -> 2 of 3 = 66.67%.
+  got = common.exact_match_any([["yes", "y"], ["nope"], ["two", "2 "]], [" yes", "no", "2"])
+  assert got == {"exact_match": pytest.approx(200 / 3)}
+
+
+def test_rouge_first_on_hand_labelled_examples():
+  """rouge_first scores each prediction against its first reference only. Example: reference "the cat sat on the
+  mat" (the second reference is ignored), prediction "the cat lay on a mat":
+    ROUGE-1: 4 of 6 unigrams shared (the, cat, on, mat) each way -> F = 2/3; ROUGE-2: 1 of 5 bigrams (the cat) ->
+    F = 1/5; ROUGE-Lsum: LCS the cat on mat = 4 of 6 -> F = 2/3.
+  Two examples with these same scores (the second: reference "one two three four five six" ~ prediction
+  "one two seven four eight six"... no: built so that every F is equal), so the bootstrap mean is exact."""
+  from tasks import common
+
+  refs = [["the cat sat on the mat", "a cat lay on a mat"], ["A dog ran to the park", "x"]]
+  preds = ["the cat lay on a mat", "a dog sat to my park"]
+  # Example 2, lower-cased: (a dog ran to the park) vs (a dog sat to my park): unigrams a, dog, to, park shared
+  # -> 4/6; bigrams (a dog, dog ran, ran to, to the, the park) vs (a dog, dog sat, sat to, to my, my park):
+  # a dog -> 1/5; LCS a dog to park = 4 -> 4/6. The same F scores as example 1.
+  expected = {"rouge1": 200 / 3, "rouge2": 20.0, "rougeLsum": 200 / 3}
+  assert common.rouge_first(refs, preds) == pytest.approx(expected)
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"])  # the package directly
+  for (ref, _), pred in zip(refs, preds):
+    scores = scorer.score(ref, pred)
+    assert {k: 100 * v.fmeasure for k, v in scores.items()} == pytest.approx(expected)

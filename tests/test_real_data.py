@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-seqio = pytest.importorskip("seqio")
+import seqio
 
-import data_fixtures as fx  # noqa: E402
-import tasks  # noqa: E402,F401
-from moe_jax.data import files, pipeline  # noqa: E402
-from moe_jax.evaluation import evaluate_task  # noqa: E402
-from moe_jax.models import T5Config, Transformer  # noqa: E402
-from tasks import bigbench, flan, p3  # noqa: E402
+import data_fixtures as fx
+import tasks  # noqa: F401
+from moe_jax.data import files, pipeline
+from moe_jax.evaluation import evaluate_task
+from moe_jax.models import T5Config, Transformer
+from tasks import bigbench, flan, p3
 
 LENGTHS = {"inputs": 64, "targets": 16}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,28 +235,140 @@ def tiny():
   return model, nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
 
 
-@pytest.mark.parametrize("task", ["p3_super_glue_rte_GPT_3_style_score_eval", "bbh_causal_judgment",
-                                  "bbh_web_of_lies"])
-def test_rank_classification_end_to_end(root, tiny, task):
-  """Accuracy from t5's rank_classification equals the share of examples whose best length-normalised choice is
-  among the correct ones, recomputed here from the per-choice scores."""
-  result = evaluate_task(*tiny, task, "validation", batch_size=4, feature_lengths=LENGTHS)
-  examples = pipeline.eval_examples(task, "validation", LENGTHS)
-  hits = []
-  for record, example in zip(result["predictions"], examples):
-    best = int(np.argmax(np.asarray(record["scores"]) / np.asarray(record["lengths"])))
-    assert record["prediction"] == example["answer_choices"][best]
-    hits.append(example["answer_choices"][best] in example["correct_choices"])
+def _known_scores(monkeypatch, sums, lengths):
+  """evaluate_task's scores: hand-chosen summed log-likelihoods and token counts per (example, choice) in place of
+  the model's (ragged lists, padded here as `choice_log_likelihoods` pads: -inf and 0 for a missing choice)."""
+  width = max(len(row) for row in sums)
+  scores = np.full((len(sums), width), -np.inf, np.float32)
+  counts = np.zeros((len(sums), width), np.int32)
+  for i, (s, n) in enumerate(zip(sums, lengths)):
+    scores[i, :len(s)], counts[i, :len(n)] = s, n
+
+  def fake(model, params, inputs, choices, **kwargs):
+    assert [len(c) for c in choices] == [len(s) for s in sums]  # the fixture's examples and choices, in order
+    return scores, counts
+
+  monkeypatch.setattr("moe_jax.evaluation.evaluate.choice_log_likelihoods", fake)
+
+
+def _several_correct(root):
+  """A BIG-bench task and a P3 score-eval config whose examples have several correct choices."""
+  fx.write_rows(os.path.join(root, "bigbench", "date_understanding", "validation.jsonl"), [
+      {"inputs": "q0", "targets": ["a"], "multiple_choice_targets": ["a", "b", "c"], "multiple_choice_scores": [1, 1, 0]},
+      {"inputs": "q1", "targets": ["c"], "multiple_choice_targets": ["a", "b", "c"], "multiple_choice_scores": [0, 0, 1]},
+      {"inputs": "q2", "targets": ["y"], "multiple_choice_targets": ["x", "y", "z", "w"],
+       "multiple_choice_scores": [0, 1, 0, 1]},
+      {"inputs": "q3", "targets": ["p"], "multiple_choice_targets": ["p", "q"], "multiple_choice_scores": [1, 0]}])
+  correct = ({"even", "both"}, {"odd"}, {"odd", "both"})
+  rows = [{"inputs_pretokenized": f"Number {i}?", "targets_pretokenized": choice,
+           "answer_choices": ["even", "odd", "both"], "idx": [i, j], "is_correct": int(choice in right),
+           "weight": 1.0} for i, right in enumerate(correct) for j, choice in enumerate(["even", "odd", "both"])]
+  _p3_config(root, "several_correct_score_eval", "validation", rows, {**fx.P3_FEATURES, **fx.P3_CHOICES,
+                                                                      **fx.P3_SCORE})
+
+
+# task: (summed log-likelihoods, token counts, choice picked with / without length normalisation,
+#        accuracy with / without it), worked out by hand.
+RANK_CASES = {
+    # correct: {a, b}, {c}, {y, w}, {p}.
+    # ex0: per token -3/2 = -1.5, -4/4 = -1, -2.5/1 = -2.5 -> b (right); summed: c (-2.5 > -3 > -4) (wrong).
+    # ex1: per token -1, -2, -2 -> a (wrong); summed: a (wrong).
+    # ex2: -5, -0.5, -1, -4, one token each -> y (right) either way.
+    # ex3: -2, -2: a tie goes to the first choice, p (right) either way.
+    # Normalised: 3 of 4 right = 75%; summed: 2 of 4 = 50%.
+    "bbh_date_understanding": ([[-3, -4, -2.5], [-1, -2, -6], [-5, -0.5, -1, -4], [-2, -2]],
+                               [[2, 4, 1], [1, 1, 3], [1, 1, 1, 1], [1, 1]],
+                               (["b", "a", "y", "p"], ["c", "a", "y", "p"]), (75.0, 50.0)),
+    # correct: {even, both}, {odd}, {odd, both}.
+    # ex0: per token -2/2 = -1, -1.5/1 = -1.5, -3/6 = -0.5 -> both (right); summed: odd (-1.5) (wrong).
+    # ex1: -1, -3, -2, one token each -> even (wrong) either way.
+    # ex2: -4, -1, -2, one token each -> odd (right) either way.
+    # Normalised: 2 of 3 = 66.67%; summed: 1 of 3 = 33.33%.
+    "p3_several_correct_score_eval": ([[-2, -1.5, -3], [-1, -3, -2], [-4, -1, -2]], [[2, 1, 6], [1, 1, 1], [1, 1, 1]],
+                                      (["both", "even", "odd"], ["odd", "even", "odd"]), (200 / 3, 100 / 3)),
+    # correct: the fixture's labels, yes / no alternating over its 6 rows (train rows 0-2, then validation 3-5).
+    # choices [yes, no], one token each, so summed = per token: yes, yes, no, no, yes, yes -> right: rows 0, 3, 4
+    # -> 3 of 6 = 50%.
+    "bbh_causal_judgment": ([[-1, -2], [-1, -2], [-2, -1], [-2, -1], [-1, -2], [-1, -2]], [[1, 1]] * 6,
+                            (["yes", "yes", "no", "no", "yes", "yes"],) * 2, (50.0, 50.0)),
+}
+
+
+@pytest.mark.parametrize("task", sorted(RANK_CASES))
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_rank_classification_accuracy_on_known_scores(root, monkeypatch, task, length_normalize):
+  """Given hand-chosen per-choice scores, evaluate_task picks the choices and reports the accuracy worked out by
+  hand (RANK_CASES), a prediction among several correct choices counting as right."""
+  _several_correct(root)
+  sums, lengths, picked, accuracy = RANK_CASES[task]
+  _known_scores(monkeypatch, sums, lengths)
+  if task == "bbh_causal_judgment":
+    examples = pipeline.eval_examples(task, "validation", LENGTHS)
+    assert [e["correct_choices"] for e in examples] == [["yes"], ["no"], ["yes"], ["no"], ["yes"], ["no"]]
+  result = evaluate_task(None, None, task, "validation", batch_size=4, feature_lengths=LENGTHS,
+                         length_normalize=length_normalize)
   assert result["mode"] == "rank"
-  assert result["metrics"]["accuracy"] == pytest.approx(100 * np.mean(hits))
+  assert [r["prediction"] for r in result["predictions"]] == picked[0 if length_normalize else 1]
+  assert result["metrics"]["accuracy"] == pytest.approx(accuracy[0 if length_normalize else 1])
 
 
-def test_generation_end_to_end(root, tiny):
-  result = evaluate_task(*tiny, "bbh_word_sorting", "validation", batch_size=4, feature_lengths=LENGTHS)
-  examples = pipeline.eval_examples("bbh_word_sorting", "validation", LENGTHS)
+def _known_generations(monkeypatch, texts):
+  """evaluate_task's greedy decoding: the byte tokens of hand-chosen strings (EOS-terminated) in place of the
+  model's."""
+  def fake(model, params, inputs, max_length, routing_ids=None, batch_size=32):
+    assert len(inputs) == len(texts)
+    vocab = seqio.ByteVocabulary()
+    return np.stack([np.pad(vocab.encode(t) + [1], (0, max_length - len(vocab.encode(t)) - 1)) for t in texts])
+
+  monkeypatch.setattr("moe_jax.evaluation.evaluate.greedy_generate", fake)
+
+
+def test_generation_exact_match_on_known_predictions(root, monkeypatch):
+  """bbh_word_sorting's references are "i i+1 i+2" for rows i = 0..5. Predictions: row 0 right with spaces
+  around it (stripped), 1 right, 2 short, 3 right, 4 empty, 5 wrong -> 3 of 6 = 50%."""
+  _known_generations(monkeypatch, [" 0 1 2 ", "1 2 3", "2 3", "3 4 5", "", "5 6 8"])
+  result = evaluate_task(None, None, "bbh_word_sorting", "validation", batch_size=4, feature_lengths=LENGTHS)
   assert result["mode"] == "generate"
-  hits = [r["prediction"].strip() in e["references"] for r, e in zip(result["predictions"], examples)]
-  assert result["metrics"]["exact_match"] == pytest.approx(100 * np.mean(hits))
+  assert [r["prediction"] for r in result["predictions"]][:2] == [" 0 1 2 ", "1 2 3"]
+  assert result["metrics"] == {"exact_match": pytest.approx(50.0)}
+
+
+def test_generation_exact_match_any_reference(root, monkeypatch):
+  """Several references per example (BIG-bench object_counting): a prediction matching any counts. References
+  [3, three], [4, four], [5]; predictions "three" (right), "4" (right), "five" (wrong) -> 2 of 3 = 66.67%."""
+  fx.write_rows(os.path.join(root, "bigbench", "object_counting", "validation.jsonl"), [
+      {"inputs": f"Count {n}", "targets": refs} for n, refs in ((3, ["3", "three"]), (4, ["4", "four"]), (5, ["5"]))])
+  _known_generations(monkeypatch, ["three", "4", "five"])
+  result = evaluate_task(None, None, "bbh_object_counting", "validation", batch_size=4, feature_lengths=LENGTHS)
+  assert result["metrics"] == {"exact_match": pytest.approx(200 / 3)}
+
+
+def test_generation_rouge_against_the_first_reference(root, monkeypatch):
+  """BIG-bench conlang_translation is scored by ROUGE against each example's first reference. Reference "the cat
+  sat on the mat" (the second, "a cat lay on a mat", is ignored), prediction "the cat lay on a mat", worked out by
+  hand (rouge_score's tokens: lower-cased words):
+    ROUGE-1: 6 reference and 6 predicted unigrams, 4 shared (the, cat, on, mat) -> P = R = 4/6, F = 66.67.
+    ROUGE-2: bigrams (the cat, cat sat, sat on, on the, the mat) vs (the cat, cat lay, lay on, on a, a mat): 1 shared
+             -> P = R = 1/5, F = 20.
+    ROUGE-Lsum: one sentence, longest common subsequence the cat on mat = 4 -> P = R = 4/6, F = 66.67.
+  One example, so t5's bootstrap aggregation returns it exactly."""
+  fx.write_rows(os.path.join(root, "bigbench", "conlang_translation", "validation.jsonl"), [
+      {"inputs": "Translate: x", "targets": ["the cat sat on the mat", "a cat lay on a mat"]}])
+  _known_generations(monkeypatch, ["the cat lay on a mat"])
+  result = evaluate_task(None, None, "bblite_conlang_translation", "validation", batch_size=4,
+                         feature_lengths={"inputs": 64, "targets": 32})
+  assert result["metrics"] == pytest.approx({"rouge1": 200 / 3, "rouge2": 20.0, "rougeLsum": 200 / 3})
+
+
+def test_rank_classification_end_to_end_on_a_model(root, tiny):
+  """The scores evaluate_task ranks are the model's: a prediction is the choice of best per-token score, and
+  the records keep every choice's score and token count (token counts = the choice's byte tokens + EOS)."""
+  result = evaluate_task(*tiny, "bbh_web_of_lies", "validation", batch_size=4, feature_lengths=LENGTHS)
+  assert len(result["predictions"]) == 6 and result["mode"] == "rank"
+  for record in result["predictions"]:
+    assert record["choices"] == ["Yes", "No"] and record["lengths"] == [4, 3]
+    best = int(np.argmax(np.asarray(record["scores"]) / np.asarray(record["lengths"])))
+    assert record["prediction"] == record["choices"][best]
 
 
 def _gin_value(name):

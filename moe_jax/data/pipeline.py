@@ -193,8 +193,20 @@ def mixture_examples(name: str, split: str, feature_lengths: Mapping[str, int] |
 
 def validation_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batch_size: int, num_batches: int,
                        shard_index: int = 0, num_shards: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first `num_batches` batches of the validation split, in a fixed order (no shuffling), as training batches
-  are shaped. A short last batch is padded with all-zero rows, which carry no loss weight."""
+  """The first `num_batches` batches of this shard of the validation split, in a fixed order (no shuffling), as
+  training batches are shaped. A short last batch is padded with all-zero rows, which carry no loss weight.
+
+  Under several processes (`jax.process_count() > 1`) every process returns the same number of batches: the
+  shards of a split may differ in size (shard i holds examples i, i + num_shards, ...), and the validation loss is
+  one jitted computation over the global mesh, which every process must run equally often or it waits forever.
+  The processes agree on the largest local count and the shorter ones append all-zero batches (no loss weight, so
+  the loss is unchanged); an empty split raises on every process together, a split empty on one shard only does
+  not. Evaluation (`moe_jax.evaluation`) needs no such agreement: every process reads all of a task's examples in
+  the same order, so its batch counts are equal by construction.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   _use_data_root()
   provider = get_provider(mixture_or_task)
   tasks = getattr(provider, "tasks", [provider])
@@ -204,10 +216,16 @@ def validation_batches(mixture_or_task: str, feature_lengths: Mapping[str, int],
                      "(or set train.validate_every = 0)")
   ds = seqio.get_dataset(provider, task_feature_lengths=dict(feature_lengths),
                          feature_converter=seqio.EncDecFeatureConverter(pack=False), dataset_split="validation",
-                         shuffle=False, num_epochs=1, seed=0, batch_size=batch_size, verbose=False,
+                         shuffle=False, num_epochs=1, seed=0, verbose=False,
                          shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None)
+  ds = ds.batch(batch_size)  # keeps the short last batch (seqio's own batching drops it), padded below
   batches = list(readable(ds.take(num_batches).as_numpy_iterator()))
-  if not batches:
+  count = len(batches)
+  if jax.process_count() > 1:  # the largest local count, the same on every process
+    count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+  if not count:
     raise ValueError(f"{mixture_or_task}: the validation split is empty")
   pad = lambda x: np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
-  return [{k: pad(v) for k, v in b.items()} for b in batches]
+  zeros = {k: np.zeros((batch_size, *spec.shape[1:]), spec.dtype.as_numpy_dtype)
+           for k, spec in ds.element_spec.items()}
+  return [{k: pad(v) for k, v in b.items()} for b in batches] + [dict(zeros) for _ in range(count - len(batches))]
