@@ -17,6 +17,7 @@ from typing import Any
 import gin
 
 from moe_jax import distributed
+from moe_jax.errors import UserError
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -99,15 +100,16 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
 
 
 def run_job(job: Callable[[], Any]) -> Any:
-  """Call a configured job; an input error (missing file, mismatched checkpoint, bad value, unbound required
-  binding) becomes one line on stderr and exit status 1 (2 for configuration), unless MOE_JAX_DEBUG is set."""
+  """Call a configured job. A `moe_jax.errors.UserError` (bad value, missing file, mismatched product) becomes one
+  line on stderr and exit status 1 (2 for an unbound required binding), unless MOE_JAX_DEBUG is set; any other
+  exception, a ValueError from JAX or the model code included, is a bug and keeps its traceback."""
   try:
     return job()
   except RuntimeError as e:  # gin: a gin.REQUIRED argument was not bound
     if "Required bindings" not in str(e):
       raise
     raise GinError(f"gin configuration error: {_one_line(e)}") from None
-  except (FileNotFoundError, ValueError) as e:
+  except UserError as e:
     if os.environ.get("MOE_JAX_DEBUG"):
       raise
     print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -1,9 +1,10 @@
 """Command-line gin handling: T5X-style flags, and one clear error for each kind of mistake."""
 
 import gin
+import jax.numpy as jnp
 import pytest
 
-from moe_jax import gin_utils
+from moe_jax import errors, gin_utils
 from moe_jax.models.config import T5Config
 
 
@@ -48,3 +49,30 @@ def test_flag_errors(capsys):
   with pytest.raises(SystemExit):
     gin_utils.parse_flags([], "test")
   assert "--gin_file" in capsys.readouterr().err
+
+
+@gin.configurable
+def _job_raising(error: Exception = gin.REQUIRED):
+  raise error
+
+
+@pytest.mark.parametrize("error", [errors.ConfigError("train.batch_size=3 is not divisible by 2"),
+                                   errors.MissingFileError("init_from='/nowhere' does not exist"),
+                                   errors.MismatchError("expert file e was trained on backbone a, not b")])
+def test_user_errors_are_one_line_and_exit_1(error, capsys):
+  with gin.unlock_config():
+    gin.bind_parameter("_job_raising.error", error)
+  with pytest.raises(SystemExit) as e:
+    gin_utils.run_job(_job_raising)  # through gin's wrapper, which re-raises with its "In call to" trail
+  assert e.value.code == 1
+  assert capsys.readouterr().err == f"error: {error}\n"
+
+
+def test_internal_errors_keep_their_traceback(capsys):
+  """A ValueError from JAX or the model code is a bug, not bad input: it propagates (and Python prints its
+  traceback) instead of becoming an `error:` line."""
+  with pytest.raises((ValueError, TypeError), match="reshape"):
+    gin_utils.run_job(lambda: jnp.ones(3).reshape(2, 2))
+  with pytest.raises(ValueError, match="internal"):
+    gin_utils.run_job(lambda: (_ for _ in ()).throw(ValueError("internal: name maps differ")))
+  assert capsys.readouterr().err == ""

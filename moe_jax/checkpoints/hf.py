@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 from safetensors import safe_open
 
+from moe_jax.errors import ConfigError, MismatchError, MissingFileError
 from moe_jax.models.config import FEED_FORWARDS, T5Config
 from moe_jax.models.t5 import Transformer
 
@@ -44,7 +45,7 @@ def _read_hf_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[d
   if path.is_dir():
     path = path / CONFIG_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"no Hugging Face {CONFIG_FILE} at {path}")
+    raise MissingFileError(f"no Hugging Face {CONFIG_FILE} at {path}")
   with open(path) as f:
     return json.load(f), str(path)
 
@@ -64,13 +65,13 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
   hf, source = _read_hf_config(path_or_dict)
   model_type = hf.get("model_type", "t5")
   if model_type != "t5":
-    raise ValueError(f"{source}: model_type={model_type!r}; only 't5' checkpoints are supported")
+    raise ConfigError(f"{source}: model_type={model_type!r}; only 't5' checkpoints are supported")
   proj = hf.get("feed_forward_proj", "relu")  # HF's names and defaults; ours use the same names
   if proj not in FEED_FORWARDS:
-    raise ValueError(f"{source}: feed_forward_proj={proj!r} is not supported; expected one of {FEED_FORWARDS}")
+    raise ConfigError(f"{source}: feed_forward_proj={proj!r} is not supported; expected one of {FEED_FORWARDS}")
   missing = [k for k in _SHAPE_FIELDS if k not in hf]
   if missing:
-    raise ValueError(f"{source}: missing field(s) {missing}")
+    raise MismatchError(f"{source}: missing field(s) {missing}")
   name = "hf_t5" if isinstance(path_or_dict, dict) else Path(source).resolve().parent.name
   fields = dict(
       vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
@@ -133,7 +134,7 @@ def _expected_shapes(cfg: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def _shard_files(path: Path) -> list[Path]:
   if not path.is_dir():
-    raise FileNotFoundError(f"Hugging Face checkpoint directory {path} does not exist")
+    raise MissingFileError(f"Hugging Face checkpoint directory {path} does not exist")
   if (path / WEIGHTS_FILE).is_file():
     return [path / WEIGHTS_FILE]
   if (path / INDEX_FILE).is_file():
@@ -141,11 +142,11 @@ def _shard_files(path: Path) -> list[Path]:
       shards = [path / name for name in sorted(set(json.load(f)["weight_map"].values()))]
     absent = [str(s) for s in shards if not s.is_file()]
     if absent:
-      raise FileNotFoundError(f"{path / INDEX_FILE} lists shard(s) that do not exist: {absent}")
+      raise MissingFileError(f"{path / INDEX_FILE} lists shard(s) that do not exist: {absent}")
     return shards
   found = sorted(p.name for p in path.iterdir())
-  raise FileNotFoundError(f"neither {WEIGHTS_FILE} nor {INDEX_FILE} in {path} (found {found}); only safetensors "
-                          "checkpoints are supported")
+  raise MissingFileError(f"neither {WEIGHTS_FILE} nor {INDEX_FILE} in {path} (found {found}); only safetensors "
+                         "checkpoints are supported")
 
 
 def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
@@ -165,7 +166,7 @@ def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
   hf = _read_hf_config(path)[0] if (path / CONFIG_FILE).is_file() else None
   if config is None:
     if hf is None:
-      raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: pass `config=` to load_hf_t5")
+      raise MissingFileError(f"no {CONFIG_FILE} in {path}: pass `config=` to load_hf_t5")
     config = config_from_hf(path)
   dtype = np.dtype(params_dtype if params_dtype is not None else config.param_dtype)
   names = _name_map(config)
@@ -193,24 +194,24 @@ def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
       found = hf_shape(name)
       found = found[::-1] if transpose else found
       if found != expected[ours]:
-        raise ValueError(
+        raise MismatchError(
             f"parameter {'/'.join(ours)}: expected shape {expected[ours]} for {config.name}, found {found} "
             f"(HF tensor {name}, stored as {hf_shape(name)}); is the checkpoint for another model size?")
     used = {name for name, _ in names.values()}
     missing = sorted(used - set(source))
     if missing:
-      raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint in {path}: {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''}")
+      raise MismatchError(f"{len(missing)} tensor(s) missing from the checkpoint in {path}: {missing[:8]}"
+                          f"{' ...' if len(missing) > 8 else ''}")
     unexpected = sorted(set(source) - used - set(embedding_copies) - set(_IGNORED))
     if unexpected:
-      raise ValueError(f"{len(unexpected)} unexpected tensor(s) in the checkpoint in {path} for {config.name}: "
-                       f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+      raise MismatchError(f"{len(unexpected)} unexpected tensor(s) in the checkpoint in {path} for {config.name}: "
+                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 
     shared = read("shared.weight")
     for name in embedding_copies:
       if name in source and not np.array_equal(read(name), shared):
-        raise ValueError(f"{name} differs from shared.weight, but {config.name} ties them "
-                         "(tie_word_embeddings=True); our model cannot represent the checkpoint")
+        raise MismatchError(f"{name} differs from shared.weight, but {config.name} ties them "
+                            "(tie_word_embeddings=True); our model cannot represent the checkpoint")
 
     params: Params = {}
     for ours, (name, transpose) in names.items():

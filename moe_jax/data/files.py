@@ -3,7 +3,7 @@
 Every real-data source (P3, FLAN, BIG-bench) reads under `data_root()`, set once by the `DATA_DIR` gin macro
 (`--gin.DATA_DIR=/data` or `gs://bucket/data`) or the MOE_JAX_DATA_DIR environment variable. A missing dataset
 fails with `DataNotFoundError` naming the dataset, the folder looked in and the command that fetches it; a bad row
-fails with `MalformedRowError` naming the file and the row. TensorFlow is imported only for `gs://` paths.
+fails with `MalformedRowError` naming the file and the row. Remote roots go through `moe_jax.fs` (fsspec).
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from typing import Any
 
 import gin
+
+from moe_jax.errors import ConfigError, MissingFileError, UserError
+from moe_jax.fs import isdir, join, listdir, open_file  # the one path layer, for the sources reading under the root
 
 ENV_VAR = "MOE_JAX_DATA_DIR"
 ROW_FORMATS = (".parquet", ".jsonl", ".json")  # what `read_rows` reads
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(MissingFileError):
   """A dataset's files are not under the data root."""
 
   def __init__(self, dataset: str, looked_in: str, how: str):
@@ -29,7 +32,7 @@ class DataNotFoundError(FileNotFoundError):
                      f"To get it: {how}")
 
 
-class MalformedRowError(ValueError):
+class MalformedRowError(UserError, ValueError):
   """A row that lacks a field or has an unusable value, located by file and row number (0-based)."""
 
   def __init__(self, path: str, row: int, problem: str):
@@ -47,38 +50,6 @@ def require_root(dataset: str, how: str) -> str:
   if root is None:
     raise DataNotFoundError(dataset, "<unset>", f"set the data root (--gin.DATA_DIR=... or ${ENV_VAR}), then {how}")
   return root
-
-
-def _remote(path: str) -> bool:
-  return "://" in path
-
-
-def join(*parts: str) -> str:
-  return "/".join(p.rstrip("/") for p in parts) if _remote(parts[0]) else os.path.join(*parts)
-
-
-def isdir(path: str) -> bool:
-  if _remote(path):
-    import tensorflow as tf
-    return tf.io.gfile.isdir(path)
-  return os.path.isdir(path)
-
-
-def listdir(path: str) -> list[str]:
-  """Entry names in `path`, sorted (empty if it is not a folder)."""
-  if not isdir(path):
-    return []
-  if _remote(path):
-    import tensorflow as tf
-    return sorted(name.rstrip("/") for name in tf.io.gfile.listdir(path))
-  return sorted(os.listdir(path))
-
-
-def open_file(path: str, mode: str = "r") -> IO[Any]:
-  if _remote(path):
-    import tensorflow as tf
-    return tf.io.gfile.GFile(path, mode)
-  return open(path, mode, encoding=None if "b" in mode else "utf-8")
 
 
 def split_files(directory: str, split: str, suffixes: Sequence[str] = ROW_FORMATS + (".tfrecord",)) -> list[str]:
@@ -116,7 +87,7 @@ def read_rows(path: str) -> Iterator[dict[str, Any]]:
       raise MalformedRowError(path, 0, "expected a JSON list of rows or an object with an 'examples' list")
     yield from rows
   else:
-    raise ValueError(f"{path}: unknown row format (expected one of {ROW_FORMATS})")
+    raise ConfigError(f"{path}: unknown row format (expected one of {ROW_FORMATS})")
 
 
 def check_fields(path: str, row: int, example: Any, fields: Sequence[str]) -> None:

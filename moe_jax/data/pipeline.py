@@ -21,6 +21,7 @@ import seqio
 import tensorflow as tf
 
 from moe_jax.data import files
+from moe_jax.errors import ConfigError, MissingFileError
 
 
 class _QuietInMemorySources(logging.Filter):
@@ -54,9 +55,9 @@ def readable(iterator: Iterable[Any]) -> Iterator[Any]:
     found = re.search(pattern, str(e), re.S)
     if found:
       raise files.MalformedRowError(found[1], int(found[2]), found[3].replace("\\'", "'")) from None
-    python_error = re.search(r"MalformedRowError: (.*?)(?:\n|$)", str(e))  # raised in a source's generator
+    python_error = re.search(r"MalformedRowError: (.*), row (\d+): (.*?)(?:\n|$)", str(e))  # from a generator
     if python_error:
-      raise ValueError(python_error[1]) from None
+      raise files.MalformedRowError(python_error[1], int(python_error[2]), python_error[3]) from None
     raise
 
 
@@ -67,7 +68,7 @@ def get_provider(name: str) -> seqio.Task | seqio.Mixture:
     return seqio.get_mixture_or_task(name)
   close = difflib.get_close_matches(name, sorted(tasks | mixtures), n=5, cutoff=0.6)
   hint = f" Close names: {', '.join(close)}." if close else ""
-  raise ValueError(
+  raise ConfigError(
       f"No seqio Task or Mixture named {name!r} ({len(tasks)} tasks and {len(mixtures)} mixtures registered).{hint}"
       " Tasks are registered by importing the module that defines them: `import tasks` for the built-in synthetic"
       " tasks, or add that module to the gin imports.")
@@ -87,9 +88,9 @@ def _use_data_root() -> None:
   root = files.data_root()
   if root is None:
     return
-  if not tf.io.gfile.isdir(root):
-    raise FileNotFoundError(f"Data directory {root!r} does not exist (set by the DATA_DIR gin macro or "
-                            f"${files.ENV_VAR}); the built-in synthetic tasks need none: leave it unset")
+  if not files.isdir(root):
+    raise MissingFileError(f"Data directory {root!r} does not exist (set by the DATA_DIR gin macro or "
+                           f"${files.ENV_VAR}); the built-in synthetic tasks need none: leave it unset")
   seqio.set_tfds_data_dir_override(root)
   seqio.add_global_cache_dirs([root])
 
@@ -108,7 +109,7 @@ def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batc
   Skipping replays the input pipeline (no model work), which takes time in proportion to `start_batch`.
   """
   if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+    raise ConfigError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
   _use_data_root()
   ds = seqio.get_dataset(
       get_provider(mixture_or_task),
@@ -149,9 +150,9 @@ def eval_examples(task_name: str, split: str = "validation", feature_lengths: Ma
   _use_data_root()
   task = get_provider(task_name)
   if not isinstance(task, seqio.Task):
-    raise ValueError(f"{task_name!r} is a Mixture; evaluate its tasks one by one: {[t.name for t in task.tasks]}")
+    raise ConfigError(f"{task_name!r} is a Mixture; evaluate its tasks one by one: {[t.name for t in task.tasks]}")
   if split not in task.splits:
-    raise ValueError(f"Task {task_name!r} has no split {split!r}; it has {tuple(task.splits)}")
+    raise ConfigError(f"Task {task_name!r} has no split {split!r}; it has {tuple(task.splits)}")
   ds = task.get_dataset(sequence_length=None if feature_lengths is None else dict(feature_lengths), split=split,
                         shuffle=False, num_epochs=1)
   if max_examples is not None:
@@ -212,8 +213,8 @@ def validation_batches(mixture_or_task: str, feature_lengths: Mapping[str, int],
   tasks = getattr(provider, "tasks", [provider])
   missing = [t.name for t in tasks if "validation" not in t.splits]
   if missing:
-    raise ValueError(f"{mixture_or_task}: no 'validation' split in {missing}; validation needs one "
-                     "(or set train.validate_every = 0)")
+    raise ConfigError(f"{mixture_or_task}: no 'validation' split in {missing}; validation needs one "
+                      "(or set train.validate_every = 0)")
   ds = seqio.get_dataset(provider, task_feature_lengths=dict(feature_lengths),
                          feature_converter=seqio.EncDecFeatureConverter(pack=False), dataset_split="validation",
                          shuffle=False, num_epochs=1, seed=0, verbose=False,
@@ -224,7 +225,7 @@ def validation_batches(mixture_or_task: str, feature_lengths: Mapping[str, int],
   if jax.process_count() > 1:  # the largest local count, the same on every process
     count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
   if not count:
-    raise ValueError(f"{mixture_or_task}: the validation split is empty")
+    raise ConfigError(f"{mixture_or_task}: the validation split is empty")
   pad = lambda x: np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
   zeros = {k: np.zeros((batch_size, *spec.shape[1:]), spec.dtype.as_numpy_dtype)
            for k, spec in ds.element_spec.items()}

@@ -8,13 +8,14 @@ existing experts bit-identical and adds the new ones after them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import flax
 import gin
 
+from moe_jax import fs
+from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.models import experts as ex
 from moe_jax.training import checkpointing as ckpt
 
@@ -27,9 +28,9 @@ def expert_entries(metadata: dict[str, Any], source: str) -> list[dict[str, Any]
   if "experts" in metadata:
     return [dict(e) for e in metadata["experts"]]
   if metadata["num_experts"] != 1:
-    raise ValueError(f"expert file {source} holds {metadata['num_experts']} experts but no per-expert `experts` "
-                     "metadata; only single-expert files and files written by concatenate can be combined")
-  return [{"task": metadata.get("task"), "source": os.path.abspath(source), "stage": metadata.get("stage")}]
+    raise MismatchError(f"expert file {source} holds {metadata['num_experts']} experts but no per-expert `experts` "
+                        "metadata; only single-expert files and files written by concatenate can be combined")
+  return [{"task": metadata.get("task"), "source": fs.absolute(source), "stage": metadata.get("stage")}]
 
 
 def load_moe(path: str, config: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -40,27 +41,27 @@ def load_moe(path: str, config: Any = None) -> tuple[Any, dict[str, Any]]:
 
 
 def _check_same(reference: tuple[str, dict[str, Any], Any], candidate: tuple[str, dict[str, Any], Any]) -> None:
-  """Raise ValueError naming `candidate`'s file and the first thing that differs from `reference`."""
+  """Raise MismatchError naming `candidate`'s file and the first thing that differs from `reference`."""
   ref_path, ref_meta, ref_tree = reference
   path, meta, tree = candidate
   if (meta.get("backbone") or {}).get("weights") != (ref_meta.get("backbone") or {}).get("weights"):
-    raise ValueError(f"expert file {path} was trained on backbone {(meta.get('backbone') or {}).get('weights')}, "
-                     f"{ref_path} on {(ref_meta.get('backbone') or {}).get('weights')}: one MoE holds one backbone's "
-                     "experts")
+    raise MismatchError(f"expert file {path} was trained on backbone {(meta.get('backbone') or {}).get('weights')},"
+                        f" {ref_path} on {(ref_meta.get('backbone') or {}).get('weights')}: one MoE holds one "
+                        "backbone's experts")
   for key in _SHARED:
     if meta.get(key) != ref_meta.get(key):
       found, want = meta.get(key), ref_meta.get(key)
       if key == "modules":
         extra, missing = sorted(set(found) - set(want)), sorted(set(want) - set(found))
         found, want = f"extra {extra[:3]}", f"missing {missing[:3]}"
-      raise ValueError(f"expert file {path} differs from {ref_path} in {key}: {found} vs {want}")
+      raise MismatchError(f"expert file {path} differs from {ref_path} in {key}: {found} vs {want}")
   ref_flat, flat = flax.traverse_util.flatten_dict(ref_tree), flax.traverse_util.flatten_dict(tree)
   for key in sorted(set(ref_flat) | set(flat)):
     a, b = ref_flat.get(key), flat.get(key)
     if a is None or b is None or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
       describe = lambda x: "absent" if x is None else f"{x.dtype}{list(x.shape)}"
-      raise ValueError(f"expert file {path} differs from {ref_path} at {'/'.join(key)}: {describe(b)} vs "
-                       f"{describe(a)}")
+      raise MismatchError(f"expert file {path} differs from {ref_path} at {'/'.join(key)}: {describe(b)} vs "
+                          f"{describe(a)}")
 
 
 @gin.configurable
@@ -68,11 +69,11 @@ def concatenate(expert_files: Sequence[str] = gin.REQUIRED, output: str = gin.RE
                 append_to: str | None = None) -> str:
   """Stack the experts of `expert_files` (files or run dirs) in order into one MoE file at `output`; with
   `append_to`, that MoE file's experts come first, unchanged. Returns `output`. The write is atomic, so `output`
-  may equal `append_to`. Raises ValueError for mismatched files or a task that would appear twice."""
+  may equal `append_to`. Raises MismatchError for mismatched files or a task that would appear twice."""
   if isinstance(expert_files, str):
     expert_files = [expert_files]
   if not expert_files:
-    raise ValueError("concatenate: no expert_files given")
+    raise ConfigError("concatenate: no expert_files given")
   paths = [ckpt.expert_file(p) for p in ([append_to] if append_to else []) + list(expert_files)]
   loaded = []  # (path, metadata, tree)
   for path in paths:
@@ -86,7 +87,8 @@ def concatenate(expert_files: Sequence[str] = gin.REQUIRED, output: str = gin.RE
       task = entry.get("task")
       if task in seen:
         source = entries[seen[task]]["source"]
-        raise ValueError(f"task {task!r} of {path} is already expert {seen[task]} (from {source}); one expert per task")
+        raise MismatchError(f"task {task!r} of {path} is already expert {seen[task]} (from {source}); one expert "
+                            "per task")
       seen[task] = len(entries)
       entries.append(entry)
   stacked = ex.stack([tree for _, _, tree in loaded], [path for path, _, _ in loaded])

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.errors import ConfigError
+
 Array = jax.Array
 NEG_INF = -1e10
 
@@ -153,7 +155,7 @@ def attention(q: Array, k: Array, v: Array, bias: Array | None, kv_mask: Array |
                                         implementation="cudnn")
   if impl == "tpu_flash":
     return _tpu_flash(q, k, v, bias, kv_mask, causal, segment_ids)
-  raise ValueError(f"attention impl={impl!r}; expected auto, xla, cudnn or tpu_flash")
+  raise ConfigError(f"attention impl={impl!r}; expected auto, xla, cudnn or tpu_flash")
 
 
 def _tpu_flash(q, k, v, bias, kv_mask, causal, segment_ids):

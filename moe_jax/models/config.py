@@ -14,6 +14,8 @@ from typing import Any
 import gin
 import jax.numpy as jnp
 
+from moe_jax.errors import ConfigError
+
 # PHATGOOSE puts an expert on every q/k/v/o of encoder self-, decoder self- and decoder cross-attention and on every
 # feed-forward linear (wi_0/wi_1/wo for gated-GELU, wi/wo for ReLU): 432 modules on T5-XL.
 PHATGOOSE_MODULES = r"(.*/)?((attention|self_attention|encoder_decoder_attention)/(query|key|value|out)|mlp/(wi|wi_0|wi_1|wo))"
@@ -53,12 +55,12 @@ class T5Config:
 
   def __post_init__(self):
     if self.feed_forward not in FEED_FORWARDS:
-      raise ValueError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARDS}")
+      raise ConfigError(f"T5Config.feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARDS}")
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+      raise ConfigError(f"T5Config.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     for field in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_encoder_layers", "num_decoder_layers"):
       if getattr(self, field) <= 0:
-        raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
+        raise ConfigError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
     jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # fail early on a misspelt dtype
 
   @property
@@ -99,4 +101,4 @@ class ExpertConfig:
 
   def __post_init__(self):
     if self.num_experts < 1 or self.rank < 1:
-      raise ValueError(f"ExpertConfig needs num_experts >= 1 and rank >= 1, got {self.num_experts}, {self.rank}")
+      raise ConfigError(f"ExpertConfig needs num_experts >= 1 and rank >= 1, got {self.num_experts}, {self.rank}")

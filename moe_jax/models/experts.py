@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.t5 import Transformer
 
@@ -34,7 +35,7 @@ def layout(expert_tree: Params) -> tuple[list[str], int, int]:
   flat = flax.traverse_util.flatten_dict(expert_tree)
   modules = sorted("/".join(key[:-1]) for key in flat if key[-1] == "lora_a")
   if not modules:
-    raise ValueError("the tree has no lora_a leaves")
+    raise MismatchError("the tree has no lora_a leaves")
   num_experts, _, rank = flat[tuple(modules[0].split("/")) + ("lora_a",)].shape
   return modules, int(num_experts), int(rank)
 
@@ -51,7 +52,7 @@ def layout_config(modules: Sequence[str], num_experts: int, rank: int,
   impl and init_std from `base`. Taking the layout from the file rather than gin means a narrower or wider
   `base.modules` cannot drop or invent experts. Raises ValueError for an empty module list."""
   if not modules:
-    raise ValueError("layout_config: no modules given")
+    raise ConfigError("layout_config: no modules given")
   return dataclasses.replace(base or ExpertConfig(), modules=exact_modules(modules), num_experts=num_experts,
                              rank=rank)
 
@@ -107,7 +108,7 @@ def add_experts(backbone: Params, config: T5Config, experts: ExpertConfig, rng: 
   mismatch = first_mismatch(backbone, shapes["params"])
   if mismatch:
     path, found, want = mismatch
-    raise ValueError(f"add_experts: backbone parameter {path} is {found}, but {config.name} expects {want}")
+    raise MismatchError(f"add_experts: backbone parameter {path} is {found}, but {config.name} expects {want}")
   return merge(backbone, init_experts(config, experts, rng))
 
 
@@ -115,12 +116,12 @@ def stack(trees: Sequence[Params], names: Sequence[str]) -> Params:
   """Expert trees concatenated on the `expert` axis, in the given order (expert i of the result comes from the
   i-th tree). All trees must cover the same modules with the same shapes; the error names the odd one out."""
   if not trees:
-    raise ValueError("stack: no expert trees given")
+    raise ConfigError("stack: no expert trees given")
   for name, tree in zip(names[1:], trees[1:]):
     mismatch = first_mismatch(tree, trees[0], skip_leading=True)
     if mismatch:
-      raise ValueError(f"expert {name!r} does not match expert {names[0]!r} at {mismatch[0]}: {mismatch[1]} vs "
-                       f"{mismatch[2]}")
+      raise MismatchError(f"expert {name!r} does not match expert {names[0]!r} at {mismatch[0]}: {mismatch[1]} vs "
+                          f"{mismatch[2]}")
   flats = [flax.traverse_util.flatten_dict(t) for t in trees]
   return flax.traverse_util.unflatten_dict(
       {key: np.concatenate([np.asarray(flat[key]) for flat in flats], axis=0) for key in flats[0]})

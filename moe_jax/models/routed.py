@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.errors import ConfigError
 from moe_jax.models.routers import Routing
 
 Array = jax.Array
@@ -46,7 +47,7 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
 
   `block` sets the `sorted` block size (default: `sorted_block`)."""
   if impl not in IMPLS:
-    raise ValueError(f"routed LoRA impl={impl!r}; expected one of {IMPLS}")
+    raise ConfigError(f"routed LoRA impl={impl!r}; expected one of {IMPLS}")
   num_experts = a.shape[0]
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])

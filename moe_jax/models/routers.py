@@ -15,6 +15,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from moe_jax.errors import ConfigError
+
 Array = jax.Array
 
 
@@ -63,7 +65,7 @@ class Phatgoose(Router):
   def __call__(self, x, vectors, routing_ids=None):
     num_experts, d_in = vectors.shape
     if not 1 <= self.k <= num_experts:
-      raise ValueError(f"Phatgoose router: k={self.k} but the module has {num_experts} experts")
+      raise ConfigError(f"Phatgoose router: k={self.k} but the module has {num_experts} experts")
     scores = jnp.einsum("...d,ed->...e", standardize(x, self.eps), standardize(vectors, self.eps),
                         precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d_in))
     top_scores, top_experts = jax.lax.top_k(scores, self.k)
@@ -110,7 +112,7 @@ class Fixed(Router):
       if self.expert is None:
         raise ValueError("Fixed router needs `expert` or per-example `routing_ids`")
       if not 0 <= self.expert < num_experts:
-        raise ValueError(f"Fixed router: expert={self.expert} but the module has {num_experts} experts")
+        raise ConfigError(f"Fixed router: expert={self.expert} but the module has {num_experts} experts")
       ids = jnp.full(x.shape[:1], self.expert, jnp.int32)
     else:
       ids = jnp.asarray(routing_ids, jnp.int32)

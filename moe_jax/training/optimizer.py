@@ -15,6 +15,7 @@ import gin
 import jax
 import optax
 
+from moe_jax.errors import ConfigError
 from moe_jax.models.experts import is_expert_param
 
 STAGES = ("multitask", "expert", "gate")
@@ -29,12 +30,12 @@ TRAIN, FREEZE = "train", "freeze"
 def trainable_mask(stage: str, params: Any) -> Any:
   """Tree of bools over the parameter dict's leaves (boxed or not): which ones `stage` trains."""
   if stage not in STAGES:
-    raise ValueError(f"unknown training stage {stage!r}; expected one of {STAGES}")
+    raise ConfigError(f"unknown training stage {stage!r}; expected one of {STAGES}")
   flat = flax.traverse_util.flatten_dict(params)
   mask = {path: _TRAINABLE[stage](path) for path in flat}
   if not any(mask.values()):
-    raise ValueError(f"stage {stage!r} trains no parameter of this model (expert training needs lora_a/lora_b, "
-                     "gate training router leaves: build the model with an ExpertConfig)")
+    raise ConfigError(f"stage {stage!r} trains no parameter of this model (expert training needs lora_a/lora_b, "
+                      "gate training router leaves: build the model with an ExpertConfig)")
   return flax.traverse_util.unflatten_dict(mask)
 
 

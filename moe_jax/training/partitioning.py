@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moe_jax.errors import ConfigError
+
 # Outer axes first: `data` carries the least traffic (one gradient all-reduce per step) and may cross hosts; `model`
 # all-reduces inside every layer, so it is innermost (closest devices: one host's NVLink, a TPU torus line).
 MESH_AXES = ("data", "fsdp", "expert", "model")
@@ -56,16 +58,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, model: int = 1,
   sizes = {"data": data, "fsdp": fsdp, "expert": expert, "model": model}
   shown = " x ".join(f"{name}={size}" for name, size in sizes.items())
   if any(size == 0 or size < -1 for size in sizes.values()) or list(sizes.values()).count(-1) > 1:
-    raise ValueError(f"make_mesh: {shown}; sizes must be positive, and at most one may be -1")
+    raise ConfigError(f"make_mesh: {shown}; sizes must be positive, and at most one may be -1")
   known = math.prod(size for size in sizes.values() if size != -1)
   for name, size in sizes.items():
     if size == -1:
       if len(devices) % known:
-        raise ValueError(f"make_mesh: {shown}: the other axes ({known} devices) do not divide the {len(devices)} "
-                         "devices")
+        raise ConfigError(f"make_mesh: {shown}: the other axes ({known} devices) do not divide the {len(devices)} "
+                          "devices")
       sizes[name] = len(devices) // known
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"make_mesh: {shown} = {math.prod(sizes.values())} devices, but {len(devices)} are given")
+    raise ConfigError(f"make_mesh: {shown} = {math.prod(sizes.values())} devices, but {len(devices)} are given")
   shape = tuple(sizes[name] for name in MESH_AXES)
   return Mesh(mesh_utils.create_device_mesh(shape, devices=devices), MESH_AXES)
 
@@ -111,8 +113,8 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     for size, axes, name in zip(leaf.value.shape, sharding.spec, leaf.names):
       split = math.prod(mesh.shape[a] for a in _axes(axes))
       if size % split:
-        raise ValueError(f"{jax.tree_util.keystr(path)}: dimension {name!r} of size {size} cannot be split over "
-                         f"mesh axes {_axes(axes)} ({split} devices); change the mesh sizes or axis_rules")
+        raise ConfigError(f"{jax.tree_util.keystr(path)}: dimension {name!r} of size {size} cannot be split over "
+                          f"mesh axes {_axes(axes)} ({split} devices); change the mesh sizes or axis_rules")
 
   jax.tree_util.tree_map_with_path(check, boxed_tree, shardings, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   return shardings

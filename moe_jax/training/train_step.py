@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from moe_jax.errors import ConfigError
 from moe_jax.models import experts as ex
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
@@ -88,7 +89,7 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
   contiguous blocks, every microbatch keeps an equal share on every device (no resharding)."""
   def split(x):
     if x.shape[0] % num_microbatches:
-      raise ValueError(f"batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}")
+      raise ConfigError(f"batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}")
     x = x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
     return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
@@ -107,7 +108,7 @@ def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, sta
   the whole batch's weight sum, so the accumulated gradient is exactly the full-batch gradient.
   """
   if num_microbatches < 1:
-    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    raise ConfigError(f"num_microbatches must be >= 1, got {num_microbatches}")
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     mask = opt.trainable_mask(stage, state.params)
