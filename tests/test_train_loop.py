@@ -12,14 +12,14 @@ import gin
 import numpy as np
 import pytest
 
-pytest.importorskip("seqio")
-
-import tasks  # noqa: E402,F401  (registers the synthetic tasks)
-from moe_jax.data import pipeline  # noqa: E402
-from moe_jax.models.config import T5Config  # noqa: E402
-from moe_jax.training import checkpointing as ckpt  # noqa: E402
-from moe_jax.training import loop  # noqa: E402
-from moe_jax.training.preemption import Preempted  # noqa: E402
+import tasks  # noqa: F401  (registers the synthetic tasks)
+from moe_jax.data import pipeline
+from moe_jax.errors import MismatchError
+from moe_jax.models import experts as ex
+from moe_jax.models.config import T5Config
+from moe_jax.training import checkpointing as ckpt
+from moe_jax.training import loop
+from moe_jax.training.preemption import Preempted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = T5Config(vocab_size=264, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_encoder_layers=1,
@@ -35,9 +35,13 @@ def _clear_gin():
 
 
 def _train(model_dir, stage, steps, **kwargs):
-  return loop.train(model_dir=str(model_dir), mixture_or_task_name="synthetic_reverse", stage=stage,
-                    model_config=TINY, feature_lengths=LENGTHS, batch_size=8, total_steps=steps, save_every=2,
-                    log_every=2, **kwargs)
+  settings = {"mixture_or_task_name": "synthetic_reverse", "save_every": 2, "log_every": 2, **kwargs}
+  return loop.train(model_dir=str(model_dir), stage=stage, model_config=TINY, feature_lengths=LENGTHS, batch_size=8,
+                    total_steps=steps, **settings)
+
+
+def _logged_steps(model_dir):
+  return [json.loads(line)["step"] for line in open(os.path.join(model_dir, "metrics.jsonl"))]
 
 
 def _flat(path):
@@ -70,6 +74,13 @@ def test_stages_chain_and_rerun_skips(backbone_dir, tmp_path):
   mtime = os.path.getmtime(expert)
   assert _train(tmp_path / "expert", "expert", 3, init_from=str(backbone_dir)) == expert
   assert os.path.getmtime(expert) == mtime
+  # Another run's settings: the product is not reused, and the error says what differs and how to go on.
+  with pytest.raises(MismatchError, match=r"made by another run \(config\.total_steps: 3 -> 4.*overwrite=True"):
+    _train(tmp_path / "expert", "expert", 4, init_from=str(backbone_dir))
+  assert os.path.getmtime(expert) == mtime
+  _train(tmp_path / "expert", "expert", 4, init_from=str(backbone_dir), overwrite=True)
+  assert ckpt.read_expert_metadata(expert)["config"]["total_steps"] == 4
+  assert _logged_steps(tmp_path / "expert") == [2, 4]  # the earlier run's metrics went with its product
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +100,28 @@ def test_interrupted_run_resumes_to_identical_params(backbone_dir, straight_expe
       yield batch
 
   monkeypatch.setattr(pipeline, "train_batches", crash_after_three)
-  with pytest.raises(KeyboardInterrupt):
-    _train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir))
+  with pytest.raises(KeyboardInterrupt):  # steps 1-3 logged, the checkpoint of step 2 kept
+    _train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir), log_every=1)
   assert not os.path.exists(tmp_path / "resumed" / ckpt.EXPERT_FILE)
+  assert _logged_steps(tmp_path / "resumed") == [1, 2, 3]
   monkeypatch.setattr(pipeline, "train_batches", original)
-  resumed = _flat(_train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir)))
+  with pytest.raises(MismatchError, match="task='synthetic_reverse'.*task='synthetic_sort'"):
+    _train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir), mixture_or_task_name="synthetic_sort")
+  resumed = _flat(_train(tmp_path / "resumed", "expert", 5, init_from=str(backbone_dir), log_every=1))
   for key in reference:
     np.testing.assert_array_equal(reference[key], resumed[key])
+  assert _logged_steps(tmp_path / "resumed") == [1, 2, 3, 4, 5]  # step 3, redone after the resume, once
+
+
+def test_each_task_starts_its_expert_from_its_own_key():
+  """LoRA A is random at init (B is zero): experts of two tasks must not start as the same matrix, while one task
+  starts the same way in every run."""
+  layout = loop.stage_experts("expert", None)
+  a_of = lambda task: [v for k, v in flax.traverse_util.flatten_dict(ex.init_experts(
+      TINY, layout, loop.expert_key(0, task))).items() if k[-1] == "lora_a"]
+  reverse, sort, again = a_of("synthetic_reverse"), a_of("synthetic_sort"), a_of("synthetic_reverse")
+  assert all(not np.allclose(x, y) for x, y in zip(reverse, sort))
+  assert all(np.array_equal(x, y) for x, y in zip(reverse, again))
 
 
 def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(backbone_dir, straight_expert, tmp_path,
