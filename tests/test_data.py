@@ -4,13 +4,12 @@ import importlib
 
 import numpy as np
 import pytest
+import seqio
 
-seqio = pytest.importorskip("seqio")
-
-import tasks  # noqa: E402  (registers the synthetic tasks)
-from moe_jax.data import pipeline  # noqa: E402
-from moe_jax.data.vocab import get_vocabulary  # noqa: E402
-from tasks import synthetic  # noqa: E402
+import tasks  # noqa: F401  (registers the synthetic tasks)
+from moe_jax.data import pipeline
+from moe_jax.data.vocab import get_vocabulary
+from tasks import synthetic
 
 LENGTHS = synthetic.FEATURE_LENGTHS
 

@@ -50,8 +50,9 @@ def test_add_experts_rejects_a_backbone_for_another_model():
 
 def test_readme_quickstart_runs(tmp_path):
   """The README's Python snippet runs as written on a small Hugging Face T5 saved here."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch
+  import transformers
+
   hf_cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=2,
                                  num_decoder_layers=2, feed_forward_proj="gated-gelu")
   torch.manual_seed(0)

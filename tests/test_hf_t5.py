@@ -16,13 +16,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
+import torch
+import transformers
+from transformers.models.t5.modeling_t5 import T5Attention
 
-from moe_jax.checkpoints.hf import config_from_hf, load_hf_t5  # noqa: E402
-from moe_jax.models import Transformer  # noqa: E402
-from moe_jax.models.attention import relative_position_buckets  # noqa: E402
+from moe_jax.checkpoints.hf import config_from_hf, load_hf_t5
+from moe_jax.models import Transformer
+from moe_jax.models.attention import relative_position_buckets
 
 ENC_LEN, DEC_LEN = 24, 22  # longer than max_distance below: exercises exact, log-spaced and clipped buckets
 RTOL = 1e-4  # max |ours - HF| / max |HF|, per output

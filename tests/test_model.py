@@ -46,8 +46,9 @@ def _parse_model_gin(path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "gin", "models", "*.gin"))))
 def test_gin_model_configs_match_transformers_parameter_count(path):
   """Every model gin file gives a model with the parameter count transformers reports for the same shapes."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch
+  import transformers
+
   cfg = _parse_model_gin(path)
   ours = sum(int(np.prod(x.value.shape)) for x in jax.tree.leaves(
       _shape_tree(cfg), is_leaf=lambda x: isinstance(x, nn.Partitioned)))

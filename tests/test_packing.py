@@ -108,7 +108,8 @@ def test_seqio_packing_keeps_the_loss_and_trains():
   """A fixed set of synthetic_reverse examples through seqio's EncDecFeatureConverter, unpacked and packed (feature
   lengths that truncate nothing): the same total weighted loss and weight, and the jitted train step runs on (and
   reports the unpacked loss for) the packed batch."""
-  seqio = pytest.importorskip("seqio")
+  import seqio
+
   import tasks  # noqa: F401  (registers the synthetic tasks)
   from tasks import synthetic
 
@@ -157,8 +158,7 @@ def test_seqio_packing_keeps_the_loss_and_trains():
 def test_bucket_formula_numpy_jax_and_transformers_agree(num_buckets, max_distance, bidirectional):
   """One formula for static and per-example positions: numpy and jax.numpy (jitted, as in the model) give the same
   buckets on every offset up to well past max_distance and on random ones, and both match transformers' T5."""
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("transformers")
+  import torch
   from transformers.models.t5.modeling_t5 import T5Attention
 
   rng = np.random.default_rng(num_buckets + max_distance)

@@ -4,12 +4,9 @@ import json
 import os
 
 import gin
-import pytest
 
-pytest.importorskip("seqio")
-
-from moe_jax.methods import pipeline  # noqa: E402
-from moe_jax.models.config import ExpertConfig, T5Config  # noqa: E402
+from moe_jax.methods import pipeline
+from moe_jax.models.config import ExpertConfig, T5Config
 
 TINY = T5Config(vocab_size=264, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_encoder_layers=1,
                 num_decoder_layers=1, dtype="float32", name="tiny_pipeline")
