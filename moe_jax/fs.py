@@ -28,9 +28,9 @@ def absolute(path: str | os.PathLike) -> str:
   return path if is_url(path) else os.path.abspath(path)
 
 
-def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-  fs, inner = fsspec.core.url_to_fs(path)
-  return fs, inner
+def _url_fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+  """The fsspec filesystem of a URL and the path inside it."""
+  return fsspec.core.url_to_fs(path)
 
 
 def join(first: str | os.PathLike, *rest: str) -> str:
@@ -49,24 +49,20 @@ def basename(path: str) -> str:
 
 
 def exists(path: str) -> bool:
-  if not is_url(path):
-    return os.path.exists(path)
-  fs, inner = _fs(path)
-  return fs.exists(inner)
+  return os.path.exists(path) if not is_url(path) else _ask(path, "exists")
 
 
 def isfile(path: str) -> bool:
-  if not is_url(path):
-    return os.path.isfile(path)
-  fs, inner = _fs(path)
-  return fs.isfile(inner)
+  return os.path.isfile(path) if not is_url(path) else _ask(path, "isfile")
 
 
 def isdir(path: str) -> bool:
-  if not is_url(path):
-    return os.path.isdir(path)
-  fs, inner = _fs(path)
-  return fs.isdir(inner)
+  return os.path.isdir(path) if not is_url(path) else _ask(path, "isdir")
+
+
+def _ask(url: str, question: str) -> bool:
+  fs, inner = _url_fs(url)
+  return bool(getattr(fs, question)(inner))
 
 
 def makedirs(path: str) -> None:
@@ -74,7 +70,7 @@ def makedirs(path: str) -> None:
   if not is_url(path):
     os.makedirs(path, exist_ok=True)
     return
-  fs, inner = _fs(path)
+  fs, inner = _url_fs(path)
   fs.makedirs(inner, exist_ok=True)
 
 
@@ -84,12 +80,12 @@ def listdir(path: str) -> list[str]:
     return []
   if not is_url(path):
     return sorted(os.listdir(path))
-  fs, inner = _fs(path)
+  fs, inner = _url_fs(path)
   return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False))
 
 
 def open_file(path: str, mode: str = "r") -> IO[Any]:
-  """Open for reading or appending ("r", "rb", "a"); for whole-file writes use `write_text`/`write_bytes`."""
+  """Open for reading ("r", "rb"); whole-file writes go through `write_text`/`write_bytes`, which are atomic."""
   if not is_url(path):
     return open(path, mode, encoding=None if "b" in mode else "utf-8")
   return fsspec.open(path, mode, encoding=None if "b" in mode else "utf-8").open()
@@ -140,10 +136,6 @@ def remove(path: str) -> None:
     else:
       os.remove(path)
     return
-  fs, inner = _fs(path)
+  fs, inner = _url_fs(path)
   fs.rm(inner, recursive=True)
 
-
-def local_path(path: str) -> str | None:
-  """The path itself when it is on this machine's file system, else None (callers then read bytes)."""
-  return None if is_url(path) else path
