@@ -222,8 +222,8 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
   optimizer = opt.make_optimizer(stage, part.abstract_params(model), total_steps=total_steps)
   state = create_train_state(params, model, optimizer, mesh, rules)
   del params
-  checkpointer = ckpt.Checkpointer(checkpoint_dir, ckpt.checkpoint_metadata(stage, config, layout, task,
-                                                                            backbone.record(), record))
+  metadata = ckpt.checkpoint_metadata(stage, config, layout, task, backbone.record(), record)
+  checkpointer = ckpt.Checkpointer(checkpoint_dir, metadata)
   data_position = 0
   if resume and checkpointer.latest_step() is not None:
     try:
@@ -232,10 +232,9 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
     except MismatchError:
       if not overwrite:
         raise
-      checkpointer.close()
+      checkpointer.close()  # another run's checkpoints: start afresh in their place
       _clear(model_dir, checkpoint_dir, product)
-      checkpointer = ckpt.Checkpointer(checkpoint_dir, ckpt.checkpoint_metadata(stage, config, layout, task,
-                                                                                backbone.record(), record))
+      checkpointer = ckpt.Checkpointer(checkpoint_dir, metadata)
 
   batches = pipeline.train_batches(task, lengths, batch_size // jax.process_count(), seed=seed,
                                    start_batch=data_position, shard_index=jax.process_index(),
