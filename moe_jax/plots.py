@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from moe_jax import fs
 
 
 def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], expert_names: Sequence[str],
@@ -14,7 +16,7 @@ def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], ex
   """One heatmap per expert module: rows are tasks, columns experts, cells the fraction of the task's routing
   choices (tokens x k) that went to the expert, so each row sums to 1. With more modules than `max_panels`,
   modules of the same kind in a stack (e.g. every `encoder/*/attention/query`) are averaged per layer group.
-  Writes a PNG atomically and returns its path."""
+  Writes a PNG atomically (`moe_jax.fs`: a local path or a URL) and returns its path."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -43,10 +45,10 @@ def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], ex
   fig.suptitle("Routing per expert module: share of each task's routing choices per expert "
                "(rows: evaluation tasks, columns: experts)", fontsize=9)
   fig.colorbar(image, ax=axes, shrink=0.5)
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp, dpi=130)
+  image_bytes = io.BytesIO()
+  fig.savefig(image_bytes, format="png", dpi=130)
   plt.close(fig)
-  os.replace(tmp, path)
+  fs.write_bytes(path, image_bytes.getvalue())
   return path
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import flax
 import flax.linen as nn
@@ -17,6 +18,7 @@ import seqio
 from rouge_score import rouge_scorer
 from t5.evaluation import metrics
 
+from moe_jax import fs
 from moe_jax.evaluation import (choice_log_likelihoods, evaluate_task, greedy_generate, pad_tokens, rank_classify,
                                 write_results)
 from moe_jax.models import ExpertConfig, Fixed, T5Config, Transformer
@@ -130,18 +132,21 @@ def test_greedy_generate_matches_naive_loop(routed):
   assert stopped.any() and not stopped.all()
 
 
-def test_write_results(tmp_path):
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_write_results(tmp_path, where):
+  """On a local folder and on a URL (memory:// stands in for gs://): the files go through moe_jax.fs."""
+  out = str(tmp_path) if where == "local" else f"memory://results-{uuid.uuid4().hex}"
   results = {"b_task": {"accuracy": 50.0, "exact_match": 10.0}, "a_task": {"accuracy": np.float32(25.0)}}
   predictions = {"a_task": [{"input": "x", "target": "y", "prediction": "ÿ", "scores": [-1.5, -2.0]}]}
-  write_results(results, str(tmp_path), predictions)
-  saved = json.loads((tmp_path / "results.json").read_text())
+  write_results(results, out, predictions)
+  saved = json.loads(fs.read_text(fs.join(out, "results.json")))
   assert saved["mean"] == {"accuracy": 37.5, "exact_match": 10.0} and saved["tasks"]["a_task"]["accuracy"] == 25.0
-  table = (tmp_path / "results.md").read_text().splitlines()
+  table = fs.read_text(fs.join(out, "results.md")).splitlines()
   assert table[0] == "| task | accuracy | exact_match |"
   assert table[2] == "| a_task | 25.00 |  |" and table[-1] == "| **mean** (2 tasks) | 37.50 | 10.00 |"
-  lines = (tmp_path / "predictions" / "a_task.jsonl").read_text(encoding="utf-8").splitlines()
+  lines = fs.read_text(fs.join(out, "predictions", "a_task.jsonl")).splitlines()
   assert [json.loads(line) for line in lines] == predictions["a_task"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions", "results.json", "results.md"]  # no tmp files
+  assert fs.listdir(out) == ["predictions", "results.json", "results.md"]  # no tmp files
 
 
 def test_evaluation_imports_without_tensorflow():

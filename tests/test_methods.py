@@ -4,9 +4,11 @@ Each is checked against an independent computation: the single expert's own mode
 re-implementation of the module input. Random experts stand in for trained ones (no training needed here).
 """
 
+import json
 import os
 import subprocess
 import sys
+import uuid
 
 import flax
 import flax.linen as nn
@@ -14,12 +16,16 @@ import jax
 import numpy as np
 import pytest
 
+from moe_jax import fs
+from moe_jax.errors import ConfigError
 from moe_jax.methods import average_activation as aa
 from moe_jax.methods import concatenate as concat
+from moe_jax.methods import pipeline
 from moe_jax.methods.merged import merge_into_backbone
 from moe_jax.methods.retrieval import RetrievalIndex, encoder_mean_embedder
 from moe_jax.models import ExpertConfig, Fixed, T5Config, Transformer, Uniform
 from moe_jax.models import experts as ex
+from moe_jax.plots import plot_routing
 from moe_jax.training import checkpointing as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,3 +219,28 @@ def test_retrieval_picks_the_expert_holding_the_example(backbone):
   cosine = unit(query_emb) @ unit(stored).T
   np.testing.assert_allclose(index.similarities(query_emb), cosine.reshape(3, 3, 4).max(axis=2), atol=1e-5)
   assert np.allclose(np.diag(index.similarities(query_emb)[:, [2, 0, 1]]), 1.0, atol=1e-5)
+
+
+def test_pipeline_results_and_plot_go_through_fs():
+  """results.md/json and routing.png land on a URL run_dir (memory:// standing in for gs://)."""
+  run_dir = f"memory://pipeline-{uuid.uuid4().hex}"
+  table = {"phatgoose": {"synthetic_sort": 50.0, "synthetic_sort_heldout": 25.0}}
+  path = pipeline.write_table(table, ["synthetic_sort", "synthetic_sort_heldout"], run_dir)
+  assert path == fs.join(run_dir, "results.md") and "| phatgoose | 50.0 | 25.0 |" in fs.read_text(path)
+  assert json.loads(fs.read_text(fs.join(run_dir, "results.json")))["tasks"] == table
+  shares = {"encoder/layers_0/attention/query": np.array([[1.0, 1.0], [2.0, 0.0]])}
+  png = plot_routing(shares, ["synthetic_sort", "synthetic_sort_heldout"], ["sort", "reverse"],
+                     fs.join(run_dir, "routing.png"))
+  assert fs.read_bytes(png).startswith(b"\x89PNG\r\n\x1a\n") and fs.listdir(run_dir) == sorted(
+      ["results.json", "results.md", "routing.png"])
+
+
+def test_pipeline_user_errors_are_user_errors():
+  """Settings that cannot work are ConfigErrors (one line from the CLI, no traceback)."""
+  run_dir = f"memory://pipeline-{uuid.uuid4().hex}"
+  with pytest.raises(ConfigError, match=r"unknown \['nope'\]"):
+    pipeline.phatgoose_pipeline(run_dir=run_dir, methods=["phatgoose", "nope"])
+  with pytest.raises(ConfigError, match="multitask_steps=0 needs init_from"):
+    pipeline.phatgoose_pipeline(run_dir=run_dir, multitask_steps=0)
+  with pytest.raises(ConfigError, match="'synthetic_copy' has no expert of its own"):
+    pipeline._oracle_expert("synthetic_copy", ["synthetic_sort"])  # pylint: disable=protected-access

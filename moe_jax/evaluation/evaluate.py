@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import numpy as np
 
+from moe_jax import fs
 from moe_jax.evaluation.scoring import choice_log_likelihoods, greedy_generate, pad_tokens, rank_classify
 
 MODES = ("rank", "generate", "auto")
@@ -96,14 +96,6 @@ def evaluate_task(model: nn.Module, params: Any, task_name: str, split: str = "v
   return {"metrics": metrics, "predictions": records, "mode": mode}
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Readers never see a half-written file: write a temporary sibling, then rename it over `path`."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _mean_metrics(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
   """Per metric, the mean over the tasks that report it."""
   names = sorted({m for metrics in results.values() for m in metrics})
@@ -122,15 +114,13 @@ def _markdown(results: Mapping[str, Mapping[str, float]], mean: Mapping[str, flo
 def write_results(results: Mapping[str, Mapping[str, float]], out_dir: str,
                   predictions: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> None:
   """Write `results.json` ({'tasks': {task: metrics}, 'mean': metrics}), `results.md` (task x metric table with a
-  mean row) and, for each task in `predictions`, `predictions/<task>.jsonl` (one evaluated example per line)."""
+  mean row) and, for each task in `predictions`, `predictions/<task>.jsonl` (one evaluated example per line); each
+  file atomically (`moe_jax.fs`), to a local folder or a URL such as gs://."""
   results = {task: {m: float(v) for m, v in metrics.items()} for task, metrics in results.items()}
   mean = _mean_metrics(results)
-  os.makedirs(out_dir, exist_ok=True)
-  _write_atomic(os.path.join(out_dir, "results.json"),
+  fs.write_text(fs.join(out_dir, "results.json"),
                 json.dumps({"tasks": results, "mean": mean}, indent=2, sort_keys=True) + "\n")
-  _write_atomic(os.path.join(out_dir, "results.md"), _markdown(results, mean))
-  if predictions:
-    os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
-    for task, records in predictions.items():
-      _write_atomic(os.path.join(out_dir, "predictions", f"{task}.jsonl"),
-                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+  fs.write_text(fs.join(out_dir, "results.md"), _markdown(results, mean))
+  for task, records in (predictions or {}).items():
+    fs.write_text(fs.join(out_dir, "predictions", f"{task}.jsonl"),
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

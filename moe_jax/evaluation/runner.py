@@ -43,7 +43,8 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
              mode: str = "auto", length_normalize: bool = True, max_examples: int | None = None,
              gin_config_str: str = "") -> dict[str, dict[str, float]]:
   """Evaluate the backbone from `init_from`, with the experts of `expert_from` (expert or concatenated MoE files)
-  stacked in order and routed by `experts.router` when given, on every task of `tasks` (mixtures expand to their tasks)."""
+  stacked in order and routed by `experts.router` when given, on every task of `tasks` (mixtures expand to their
+  tasks)."""
   config = model_config or T5Config()
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone_shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
@@ -56,8 +57,7 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
     layout = ex.layout_config(modules, num_experts, rank, experts)
     params = ex.merge(params, stacked)
   model = Transformer(config, layout)
-  if expert_from:  # the experts onto the mesh as the rules shard them, not a replica on every device
-    params = jax.device_put(params, part.logical_shardings(part.abstract_params(model), mesh, rules))
+  params = part.place(model, params, mesh, rules)  # the experts (host NumPy) onto the mesh once, split per the rules
   with vocab.using(backbone.vocabulary):
     return _evaluate(model, params, tasks, output_dir, split, batch_size, feature_lengths, mode, length_normalize,
                      max_examples, gin_config_str, config, backbone.vocabulary, mesh, rules)

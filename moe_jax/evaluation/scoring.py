@@ -1,7 +1,9 @@
 """Rank-classification scores and greedy decoding, in JAX and NumPy only (no TensorFlow).
 
 Work runs in fixed-shape batches (the last one padded with dummy rows), so a task compiles once per shape; the
-jitted functions take the model as a static argument, so equal models share compilations across calls.
+jitted functions take the model as a static argument, so equal models share compilations across calls. Under
+`partitioning.activate` every batch goes onto the mesh with the same row split, so that holds on a mesh too (the
+parameters are expected placed already, `partitioning.place`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from moe_jax.training import partitioning as part
 
 EOS_ID = 1
 PAD_ID = 0  # also T5's decoder start token
@@ -28,15 +32,27 @@ def pad_tokens(sequences: Sequence[np.ndarray], length: int) -> np.ndarray:
   return out
 
 
-def _batches(n: int, batch_size: int, *arrays: np.ndarray | None):
-  """Yield (start, count, batch arrays) with every batch padded to `batch_size` rows.
+def batch_rows(batch_size: int) -> int:
+  """The rows of each batch `fixed_batches` makes: `batch_size`, rounded up under `partitioning.activate` to a
+  multiple of the row blocks the `batch` rule splits a batch into."""
+  context = part.active()
+  shards = 1 if context is None else part.batch_shards(*context)
+  return -(-batch_size // shards) * shards
+
+
+def fixed_batches(n: int, batch_size: int, *arrays: np.ndarray | None):
+  """Yield (start, count, batch arrays) with every batch padded to `batch_rows(batch_size)` rows, on the active
+  mesh if any.
 
   Padding rows repeat row 0, so they are valid inputs (an all-padding encoder input would attend to nothing).
+  Under `partitioning.activate` the rows are split per the `batch` rule, the same way for every batch, so a
+  jitted call on them compiles once per batch shape.
   """
+  batch_size = batch_rows(batch_size)
   for start in range(0, n, batch_size):
     count = min(batch_size, n - start)
     index = np.concatenate([np.arange(start, start + count), np.zeros(batch_size - count, np.int64)])
-    yield start, count, [None if a is None else a[index] for a in arrays]
+    yield start, count, part.place_batch([None if a is None else a[index] for a in arrays])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -83,8 +99,8 @@ def choice_log_likelihoods(model: nn.Module, params: Any, inputs: np.ndarray,
   rid = None if routing_ids is None else np.asarray(routing_ids, np.int32)
   scores = np.zeros(targets.shape[:2], np.float32)
   lengths = np.zeros(targets.shape[:2], np.int32)
-  for start, count, (x, t, r) in _batches(len(inputs), batch_size, inputs, targets, rid):
-    s, n = jax.device_get(_choice_scores(model, params, x, t, r))
+  for start, count, (x, t, r) in fixed_batches(len(inputs), batch_size, inputs, targets, rid):
+    s, n = part.to_host(_choice_scores(model, params, x, t, r))
     scores[start:start + count], lengths[start:start + count] = s[:count], n[:count]
   return np.where(lengths > 0, scores, -np.inf).astype(np.float32), lengths
 
@@ -130,6 +146,6 @@ def greedy_generate(model: nn.Module, params: Any, inputs: np.ndarray, max_lengt
   inputs = np.asarray(inputs, np.int32)
   rid = None if routing_ids is None else np.asarray(routing_ids, np.int32)
   out = np.zeros((len(inputs), max_length), np.int32)
-  for start, count, (x, r) in _batches(len(inputs), batch_size, inputs, rid):
-    out[start:start + count] = jax.device_get(_greedy(model, params, x, max_length, r))[:count]
+  for start, count, (x, r) in fixed_batches(len(inputs), batch_size, inputs, rid):
+    out[start:start + count] = part.to_host(_greedy(model, params, x, max_length, r))[:count]
   return out

@@ -6,7 +6,8 @@ decoder cross-attention, whose input is the encoder output) averages over real e
 (`encoder_input_tokens > 0`); every other decoder module (self-attention, cross-attention query/out, MLP) averages
 over real target positions (`decoder_loss_weights > 0`, i.e. the positions the expert was trained to predict).
 Inputs are captured with a flax method interceptor, so the model code needs no hook; per-batch sums are reduced
-on device (jitted) and accumulated across batches in float64 on the host.
+on device (jitted, on the parameters where they lie; under `partitioning.activate` the batches go onto the mesh
+too) and accumulated across batches in float64 on the host.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.lora import Linear, has_experts, module_path
 from moe_jax.models.routers import Uniform
 from moe_jax.models.t5 import Transformer
+from moe_jax.training import partitioning as part
 
 Params = dict[str, Any]
 _COLLECTION = "activation_sums"
@@ -87,8 +89,8 @@ def average_activations(config: T5Config, backbone: Params, expert_tree: Params,
     encoder_tokens = np.asarray(batch["encoder_input_tokens"])
     size = encoder_tokens.shape[0]
     valid = np.arange(size) < max_examples - seen  # rows past the budget count for nothing (no reshape, no retrace)
-    stats = step(params, encoder_tokens, np.asarray(batch["decoder_input_tokens"]),
-                 np.asarray(batch["decoder_loss_weights"]), valid)
+    stats = part.to_host(step(params, *part.place_batch((encoder_tokens, np.asarray(batch["decoder_input_tokens"]),
+                                                         np.asarray(batch["decoder_loss_weights"]), valid))))
     for path in modules:
       sums[path] = sums.get(path, 0.0) + np.asarray(stats[path][0], np.float64)
       counts[path] = counts.get(path, 0) + int(stats[path][1])
@@ -112,7 +114,7 @@ def average_activation_routers(config: T5Config, backbone: Params, moe_tree: Par
   flat = flax.traverse_util.flatten_dict(moe_tree)
   per_expert = []
   for i, batches in enumerate(batches_per_expert):
-    one = flax.traverse_util.unflatten_dict({key: np.asarray(value)[i:i + 1] for key, value in flat.items()})
+    one = flax.traverse_util.unflatten_dict({key: value[i:i + 1] for key, value in flat.items()})  # stays put
     per_expert.append(flax.traverse_util.flatten_dict(average_activations(config, backbone, one, batches,
                                                                           max_examples)))
   return flax.traverse_util.unflatten_dict(

@@ -18,12 +18,15 @@ import numpy as np
 
 from moe_jax.models.config import T5Config
 from moe_jax.models.t5 import Transformer
+from moe_jax.training import partitioning as part
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # token batch [B, L] int -> embeddings [B, D] float
 
 
 def encoder_mean_embedder(config: T5Config, backbone: Any) -> EmbedFn:
-  """Embed a token batch as the mean of the backbone's final encoder states over real tokens (ids > 0)."""
+  """Embed a token batch as the mean of the backbone's final encoder states over real tokens (ids > 0), computed
+  where the backbone lies; under `partitioning.activate` the batch goes onto the mesh, so its rows must split
+  evenly over the `batch` rule's devices (`moe_jax.evaluation.scoring.batch_rows`)."""
   model = Transformer(config)
 
   @jax.jit
@@ -33,7 +36,7 @@ def encoder_mean_embedder(config: T5Config, backbone: Any) -> EmbedFn:
     total = jnp.einsum("bld,bl->bd", states, mask, precision=jax.lax.Precision.HIGHEST)
     return total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
 
-  return lambda tokens: np.asarray(embed(backbone, np.asarray(tokens)))
+  return lambda tokens: part.to_host(embed(backbone, part.place_batch(np.asarray(tokens))))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

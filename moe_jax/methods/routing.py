@@ -2,7 +2,8 @@
 
 Routing decisions are recomputed from each module's input with the model's own router (a flax method
 interceptor, no hook in the model), counted over real tokens (encoder tokens for modules that read encoder
-positions, target positions otherwise), and reduced on device per batch.
+positions, target positions otherwise), and reduced on device per batch. Under `partitioning.activate` the batches
+go onto the mesh as evaluation's do (`moe_jax.evaluation.scoring.fixed_batches`).
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.evaluation.scoring import pad_tokens
+from moe_jax.evaluation.scoring import batch_rows, fixed_batches, pad_tokens
 from moe_jax.methods.average_activation import reads_encoder_positions
 from moe_jax.models.lora import Linear, has_experts, module_path
 from moe_jax.models.routers import Uniform
 from moe_jax.models.t5 import Transformer
+from moe_jax.training import partitioning as part
 
 _COLLECTION = "routing_counts"
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _batch_counts(model: Transformer, params: Any, encoder_tokens: jax.Array, decoder_tokens: jax.Array,
-                  decoder_mask: jax.Array) -> dict[str, jax.Array]:
-  """{module path: tokens routed to each expert [E] (a token counts once per chosen expert)}."""
-  encoder_mask = (encoder_tokens > 0).astype(jnp.float32)
-  decoder_mask = decoder_mask.astype(jnp.float32)
+                  targets: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """{module path: tokens routed to each expert [E] (a token counts once per chosen expert)}; rows not `valid`
+  (padding to the fixed batch shape) count for nothing."""
+  encoder_mask = ((encoder_tokens > 0) & valid[:, None]).astype(jnp.float32)
+  decoder_mask = ((targets > 0) & valid[:, None]).astype(jnp.float32)
 
   def capture(next_fun, args, kwargs, context):
     module = context.module
@@ -68,15 +71,15 @@ def routing_shares(model: Transformer, params: Any, tasks: Sequence[str], split:
     inputs = pad_tokens([e["inputs"] for e in examples], feature_lengths["inputs"])
     targets = pad_tokens([e["targets"] for e in examples], feature_lengths["targets"])
     decoder_inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+    tokens = {"encoder": float(np.sum(inputs > 0)), "decoder": float(np.sum(targets > 0))}
+    index = np.arange(-(-len(examples) // batch_rows(batch_size)) * batch_rows(batch_size))
+    valid = index < len(examples)  # whole batches: padding rows (copies of row 0) are marked, so they count nothing
+    index = np.where(valid, index, 0)
     totals: dict[str, np.ndarray] = {}
-    tokens = {"encoder": 0.0, "decoder": 0.0}
-    for start in range(0, len(examples), batch_size):
-      rows = slice(start, start + batch_size)
-      counts = jax.device_get(_batch_counts(model, params, inputs[rows], decoder_inputs[rows], targets[rows] > 0))
-      for path, value in counts.items():
+    for _, _, batch in fixed_batches(len(index), batch_size, inputs[index], decoder_inputs[index], targets[index],
+                                     valid):
+      for path, value in part.to_host(_batch_counts(model, params, *batch)).items():
         totals[path] = totals.get(path, 0.0) + np.asarray(value, np.float64)
-      tokens["encoder"] += float(np.sum(inputs[rows] > 0))
-      tokens["decoder"] += float(np.sum(targets[rows] > 0))
     for path, value in totals.items():
       side = "encoder" if reads_encoder_positions(path) else "decoder"
       shares.setdefault(path, []).append(value / tokens[side])

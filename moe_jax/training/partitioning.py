@@ -18,7 +18,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax.errors import ConfigError
@@ -152,3 +152,33 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, ja
   whole batch)."""
   sharding = batch_sharding(mesh, rules)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def place(model: nn.Module, params: Any, mesh: Mesh, rules: Rules) -> Any:
+  """`params` of `model` as jax.Arrays split the way the rules declare for that model, placed once before any
+  jitted call: a host NumPy leaf would be uploaded again on every call (~35 GB per batch for T5-XL with 166
+  experts), and a leaf sharded otherwise would be resharded or compiled for. Leaves already placed so stay put."""
+  return jax.device_put(params, logical_shardings(abstract_params(model), mesh, rules))
+
+
+def active() -> tuple[Mesh, Rules] | None:
+  """The mesh and rules of the enclosing `activate`, or None outside one (e.g. a single-device test)."""
+  mesh = jax.sharding.get_mesh()
+  return None if mesh.empty else (mesh, nn.get_logical_axis_rules())
+
+
+def place_batch(arrays: Any) -> Any:
+  """A global batch that every process holds whole (evaluation inputs, unsharded data) onto the mesh of the
+  enclosing `activate`, rows split per its `batch` rule; unchanged outside one. Every call gives the same
+  shardings, so a jitted call on them compiles once per batch shape."""
+  context = active()
+  if context is None:
+    return arrays
+  sharding = batch_sharding(*context)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), arrays)
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of jitted outputs, whole on every process (a global array spanning processes is gathered)."""
+  return jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable
+                      else multihost_utils.process_allgather(x, tiled=True), tree)
