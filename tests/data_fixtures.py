@@ -7,6 +7,7 @@ included as the release has them. FLAN: rows with `inputs`, `targets`, `_task_so
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -133,3 +134,89 @@ def write_bigbench(root: str, n: int = 6) -> None:
   with open(os.path.join(root, "bbh", "web_of_lies.json"), "w") as f:
     json.dump({"examples": [{"input": f"Does person {i} lie?", "target": "Yes" if i % 2 else "No"}
                             for i in range(n)]}, f)
+
+
+def _pool_p3(root: str, n: int) -> list[str]:
+  """One training config (train and validation) for every P3 dataset the pools and T0 held-out name, and a
+  `_score_eval` twin for each held-out dataset; returns their texts."""
+  from tasks import p3
+
+  texts = []
+  for dataset in p3.DATASETS.values():
+    config = f"{dataset.prefixes[0]}_fixture{dataset.suffix}"
+    template = f"{dataset.name} asks about {{text}}?"
+    for split in ("train", "validation"):
+      write_p3_config(root, config, split, p3_rows(template, n), {**P3_FEATURES, **P3_CHOICES})
+    if dataset in p3.T0_HELDOUT:
+      write_p3_config(root, f"{config}{p3.SCORE_EVAL}", "validation", p3_score_rows(template, n),
+                      {**P3_FEATURES, **P3_CHOICES, **P3_SCORE})
+    texts += [template.format(text=f"number {i}") for i in range(n)]
+  return texts + ["even", "odd"]
+
+
+def flan_pool_release_rows(n: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+  """Release-style zero-shot rows for every non-P3 member of the FLAN pool, at least `n` of them landing in each
+  member's train split and one in its validation split (`tasks.flan.split_release` holds out rows by a hash of the
+  input), and the NIV2 task -> category map that places the NIV2 rows."""
+  from tasks import flan
+
+  rows, categories = [], {}
+  for index, ((source, selector), name) in enumerate(flan.MEMBERS.items()):
+    task = {"Flan2021": f"{selector}:1.0.0", "NIv2": f"task{index:03d}_{flan.slug(selector)}"}.get(source, selector)
+    if source == "NIv2":
+      categories[task] = selector
+    wanted = {"train": n, "validation": 1}
+    i = 0
+    while any(wanted.values()):
+      text = f"{name} example {i}: say {i}."
+      split = "validation" if int(hashlib.sha1(text.encode()).hexdigest(), 16) % 100 < flan.VALIDATION_PERCENT \
+          else "train"
+      if wanted[split]:
+        wanted[split] -= 1
+        rows.append({"inputs": text, "targets": f"say {i}", "_task_source": source, "_task_name": task,
+                     "_template_type": "zs_opt", "_template_idx": 0})
+      i += 1
+  return rows, categories
+
+
+def _pool_bbh(root: str, n: int) -> list[str]:
+  """Rows for every BIG-bench Hard task in the layout its loader reads (a lukaemon/BBH file for the tasks that
+  have one, tasksource rows otherwise), multiple-choice or generative as the task is scored; returns their texts."""
+  from tasks import bigbench
+
+  texts = []
+  for task in bigbench.BBH:
+    prompts = [f"{task.name} puzzle {i}" for i in range(n)]
+    answers = [(task.bbh_choices or ("yes", "no"))[i % 2] if task.mode == "rank" else f"{i} {i + 1}"
+               for i in range(n)]
+    texts += prompts + answers
+    if task.bbh_choices is not None:
+      os.makedirs(os.path.join(root, "bbh"), exist_ok=True)
+      with open(os.path.join(root, "bbh", f"{task.name}.json"), "w") as f:
+        json.dump({"examples": [{"input": p, "target": a} for p, a in zip(prompts, answers)]}, f)
+      continue
+    rows = [{"idx": i, "inputs": p, "targets": [a], **(
+        {"multiple_choice_targets": ["yes", "no"], "multiple_choice_scores": [int(a == "yes"), int(a == "no")]}
+        if task.mode == "rank" else {"multiple_choice_targets": [], "multiple_choice_scores": []})}
+        for i, (p, a) in enumerate(zip(prompts, answers))]
+    write_rows(os.path.join(root, "bigbench", task.name, "train.parquet"), rows[:1])
+    write_rows(os.path.join(root, "bigbench", task.name, "validation.parquet"), rows[1:])
+  return texts + ["Yes", "No", "True", "False"]
+
+
+def write_pools(root: str, n: int = 3) -> list[str]:
+  """A data root holding every dataset both real-scale configs name (gin/phatgoose_p3_t5xl.gin: the 36 P3 experts
+  and T0 held-out; gin/phatgoose_flan_t5xl.gin: the 166 FLAN-pool experts and BIG-bench Hard), each in its
+  release's layout with `n` examples (the FLAN members as a release split by `tasks.flan.split_release`); returns
+  every text the rows hold, for a vocabulary to be trained on."""
+  from tasks import flan
+
+  texts = _pool_p3(root, n) + _pool_bbh(root, n)
+  rows, categories = flan_pool_release_rows(n)
+  release = os.path.join(root, "flan_release")
+  write_rows(os.path.join(release, "part-0.parquet"), rows)
+  categories_file = os.path.join(root, "niv2_categories.json")
+  with open(categories_file, "w") as f:
+    json.dump(categories, f)
+  flan.split_release(release, root, categories_file)
+  return texts + [r[k] for r in rows for k in ("inputs", "targets")]
