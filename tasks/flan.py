@@ -113,15 +113,22 @@ def register() -> None:
     common.add_task(name, source, [common.exact_match_any], common.references)
 
 
+_pool_from: str | None = None  # the P3 folder the pool mixture's P3 members were registered from
+
+
 def _claims(name: str) -> bool:
   """Lazy registrar for the pool mixture, whose P3 members exist once P3 is registered from the data root."""
+  global _pool_from
   if name != POOL_MIXTURE:
     return False
   p3.ensure_registered()
+  if _pool_from == p3.registered_from():
+    return True
   missing = [m for m in FLAN_POOL if m not in seqio.TaskRegistry.names() and m not in seqio.MixtureRegistry.names()]
   if missing:
     raise files.DataNotFoundError(f"P3 member(s) {missing} of the FLAN pool", p3.root(), p3.HOW_TO_GET)
   common.add_mixture(POOL_MIXTURE, FLAN_POOL)
+  _pool_from = p3.registered_from()
   return True
 
 

@@ -214,14 +214,26 @@ def _templates(dataset: Dataset, configs: Sequence[str]) -> tuple[list[str], lis
 
 
 _registered_from: str | None = None  # the P3 folder of the last `register()`
+_registered_names: list[str] = []  # the tasks and mixtures it registered
+
+
+def registered_from() -> str | None:
+  """The P3 folder the registered P3 names were read from (None before the first registration)."""
+  return _registered_from
 
 
 def register() -> list[str]:
-  """Register every config found under the data root and the dataset/pool mixtures; returns the config names."""
+  """Register every config found under the data root and the dataset/pool mixtures; returns the config names.
+  The names registered from a previous root are removed first: a mixture there may name templates this root lacks."""
   global _registered_from
   configs = files.listdir(root())
   if not configs:
     raise files.DataNotFoundError("P3", root(), HOW_TO_GET)
+  for name in _registered_names:
+    seqio.MixtureRegistry.remove(name)
+    seqio.TaskRegistry.remove(name)
+  _registered_names.clear()
+  before = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
   for config in configs:
     rank = config.endswith(SCORE_EVAL)
     common.add_task(f"p3_{config}", _source(config), [metrics.rank_classification] if rank else
@@ -236,6 +248,7 @@ def register() -> list[str]:
     present = [m for m in members if m in seqio.MixtureRegistry.names()]
     if present:
       common.add_mixture(name, present)
+  _registered_names.extend(sorted((set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())) - before))
   _registered_from = root()
   return configs
 
@@ -247,7 +260,8 @@ def ensure_registered() -> None:
 
 
 def _claims(name: str) -> bool:
-  """Lazy registrar: P3 names are registered from the data root on their first lookup."""
+  """Lazy registrar: P3 names are registered from the data root on their first lookup, and again after the data
+  root changes."""
   if not name.startswith(("p3_", "t0_")):
     return False
   ensure_registered()

@@ -431,3 +431,19 @@ def test_real_scale_configs_resolve():
     assert _gin_value("train_batches.pack") is True  # expert and gate batches are packed
   gin.clear_config()
 
+
+
+def test_names_follow_the_data_root(root, pool_data, monkeypatch):
+  """P3 names (and the FLAN pool that holds them) registered under one data root are registered again when the root
+  changes: a mixture from the old root would name templates the new root lacks."""
+  assert _names("p3_ag_news") == ["p3_ag_news_classify", "p3_ag_news_which_section"]
+  monkeypatch.setenv(files.ENV_VAR, pool_data.root)
+  assert _names("p3_ag_news") == ["p3_ag_news_fixture"]
+  assert "p3_ag_news_classify" not in seqio.TaskRegistry.names()
+  (example,) = pipeline.eval_examples("p3_ag_news_fixture", "train", max_examples=1)
+  assert example["inputs_pretokenized"] in pool_data.texts
+  assert "p3_ag_news_fixture" in _names(flan.POOL_MIXTURE)
+  monkeypatch.setenv(files.ENV_VAR, root)  # back: this root lacks most pool members, so the pool is not served stale
+  with pytest.raises(files.DataNotFoundError, match="of the FLAN pool"):
+    pipeline.get_provider(flan.POOL_MIXTURE)
+  assert _names("p3_ag_news") == ["p3_ag_news_classify", "p3_ag_news_which_section"]

@@ -34,7 +34,9 @@ class _QuietInMemorySources(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietInMemorySources())
 
 
-# Called with a name not (yet) registered; returns True if it registered that name.
+# Called with every name looked up, before the registries are read: a registrar whose names depend on the data root
+# (re-)registers them there, so a name registered under another root is never served stale. Returns True if it
+# registered that name.
 LAZY_REGISTRARS: list[Callable[[str], bool]] = []
 _BAD_ROW = ("<<moe_jax bad row: ", " >>")
 
@@ -63,8 +65,9 @@ def readable(iterator: Iterable[Any]) -> Iterator[Any]:
 
 def get_provider(name: str) -> seqio.Task | seqio.Mixture:
   """The registered Task or Mixture called `name`; otherwise one error naming close matches and the likely fix."""
+  claimed = [registrar(name) for registrar in LAZY_REGISTRARS]  # every one runs: each refreshes its own names
   tasks, mixtures = set(seqio.TaskRegistry.names()), set(seqio.MixtureRegistry.names())
-  if name in tasks or name in mixtures or any(registrar(name) for registrar in LAZY_REGISTRARS):
+  if name in tasks or name in mixtures or any(claimed):
     return seqio.get_mixture_or_task(name)
   close = difflib.get_close_matches(name, sorted(tasks | mixtures), n=5, cutoff=0.6)
   hint = f" Close names: {', '.join(close)}." if close else ""
