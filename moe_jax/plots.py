@@ -1,14 +1,19 @@
-"""Plots a person would rather look at than read: where each task's tokens are routed, module by module."""
+"""Plots a person would rather look at than read: where each task's tokens are routed, module by module, and how
+often that is the task's own expert."""
 
 from __future__ import annotations
 
 import io
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moe_jax import fs
+
+if TYPE_CHECKING:  # the routing module pulls in jax; a plot needs only its result
+  from moe_jax.methods.routing import Diagnostics
 
 
 def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], expert_names: Sequence[str],
@@ -17,11 +22,7 @@ def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], ex
   choices (tokens x k) that went to the expert, so each row sums to 1. With more modules than `max_panels`,
   modules of the same kind in a stack (e.g. every `encoder/*/attention/query`) are averaged per layer group.
   Writes a PNG atomically (`moe_jax.fs`: a local path or a URL) and returns its path."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = _pyplot()
   panels = {name: _row_normalised(v) for name, v in shares.items()}
   if len(panels) > max_panels:
     panels = _group_by_kind(panels)
@@ -45,6 +46,57 @@ def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], ex
   fig.suptitle("Routing per expert module: share of each task's routing choices per expert "
                "(rows: evaluation tasks, columns: experts)", fontsize=9)
   fig.colorbar(image, ax=axes, shrink=0.5)
+  return _save_png(fig, path)
+
+
+def plot_routing_diagnostics(diagnostics: Diagnostics, tasks: Sequence[str], path: str) -> str:
+  """Two panels over the expert modules in model order: the share of each task's routing choices that go to its
+  own expert (tasks with one; dashed: chance, 1/E) and each task's routing entropy (dashed: its maximum, log2 E),
+  so one sees in which layers routing finds the task's expert. Writes a PNG atomically and returns its path."""
+  plt = _pyplot()
+  modules = diagnostics["modules"]
+  names = sorted(modules, key=_module_order)
+  x = np.arange(len(names))
+  fig, (own_ax, entropy_ax) = plt.subplots(2, 1, figsize=(min(4 + 0.14 * len(names), 40), 7.5), sharex=True,
+                                           constrained_layout=True)
+  colors = plt.cm.tab10 if len(tasks) <= 10 else plt.cm.tab20  # one color per task, the same in both panels
+  for i, task in enumerate(tasks):
+    style = dict(marker=".", color=colors(i % colors.N), label=task.removeprefix("synthetic_"))
+    own = np.array([modules[n]["own_share"][task] for n in names])
+    if not np.all(np.isnan(own)):
+      own_ax.plot(x, own, **style)
+    entropy_ax.plot(x, [modules[n]["entropy"][task] for n in names], **style)
+  own_ax.axhline(diagnostics["chance_share"], color="gray", linestyle="--", label="chance (1/E)")
+  entropy_ax.axhline(diagnostics["max_entropy"], color="gray", linestyle="--", label="max (log2 E)")
+  own_ax.set(ylabel="share of routing choices\nto the task's own expert", ylim=(0.0, 1.02))
+  entropy_ax.set(ylabel="routing entropy (bits)", ylim=(0.0, 1.05 * diagnostics["max_entropy"]))
+  decoder = [i for i, n in enumerate(names) if n.startswith("decoder/")]
+  for ax in (own_ax, entropy_ax):
+    if decoder and decoder[0] > 0:
+      ax.axvline(decoder[0] - 0.5, color="black", linewidth=0.8, linestyle=":")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+  step = math.ceil(len(names) / 280)  # past the widest figure, label every step-th module so labels stay legible
+  entropy_ax.set_xticks(x[::step])
+  entropy_ax.set_xticklabels([_short(n) for n in names[::step]], rotation=90, fontsize=6)
+  fig.suptitle("PHATGOOSE routing per expert module (dotted line: encoder stack | decoder stack)", fontsize=9)
+  return _save_png(fig, path)
+
+
+def _pyplot():
+  """matplotlib.pyplot on the Agg backend: plots are written to files, on machines without a display."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt
+
+
+def _save_png(fig, path: str) -> str:
+  """Write `fig` as a PNG atomically (`moe_jax.fs`: a local path or a URL), close it and return `path`."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   image_bytes = io.BytesIO()
   fig.savefig(image_bytes, format="png", dpi=130)
   plt.close(fig)

@@ -4,13 +4,18 @@ Routing decisions are recomputed from each module's input with the model's own r
 interceptor, no hook in the model), counted over real tokens (encoder tokens for modules that read encoder
 positions, target positions otherwise), and reduced on device per batch. Under `partitioning.activate` the batches
 go onto the mesh as evaluation's do (`moe_jax.evaluation.scoring.fixed_batches`).
+
+`routing_diagnostics` condenses those shares into what says whether routing found each task's expert: the share of
+its routing choices that go to its own expert and the entropy of its routing, per module and averaged per side;
+`diagnostics_markdown` puts them into results.md beside the oracle gap.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypedDict
 
 import flax
 import flax.linen as nn
@@ -84,3 +89,90 @@ def routing_shares(model: Transformer, params: Any, tasks: Sequence[str], split:
       side = "encoder" if reads_encoder_positions(path) else "decoder"
       shares.setdefault(path, []).append(value / tokens[side])
   return {path: np.stack(rows) for path, rows in shares.items()}
+
+
+class Measures(TypedDict):
+  """Per evaluation task: `own_share` (fraction of its routing choices sent to its own expert; NaN without one) and
+  `entropy` (bits) of its routing distribution over experts."""
+  own_share: dict[str, float]
+  entropy: dict[str, float]
+
+
+class Diagnostics(TypedDict):
+  """Routing diagnostics of one routed model; plain dicts of floats, so results.json can hold them as they are."""
+  chance_share: float  # 1/E: the own-expert share of routing that ignores the task
+  max_entropy: float  # log2(E): the entropy of routing spread evenly over all experts
+  modules: dict[str, Measures]  # {module path: measures}, in the order of `shares`
+  summary: dict[str, Measures]  # {"encoder" | "decoder" | "all": means over those modules (NaN where none)}
+
+
+def routing_diagnostics(shares: Mapping[str, np.ndarray], tasks: Sequence[str], expert_tasks: Sequence[str],
+                        top_k: int, own_expert: Callable[[str], int | None] | None = None) -> Diagnostics:
+  """Own-expert share and routing entropy of each task in each module of `shares` (`routing_shares`: [len(tasks), E],
+  rows summing to `top_k`), and their means over the encoder side (modules that route encoder positions: the encoder
+  and cross-attention key/value, `reads_encoder_positions`), the decoder side and all modules.
+
+  A task's own expert is `own_expert(task)`, by default the expert trained on its skill (a `_heldout` template shares
+  its skill's expert); a task with none (a held-out skill) has own share NaN: no choice of routing is right for it.
+  """
+  own_expert = own_expert or functools.partial(_skill_expert, expert_tasks=list(expert_tasks))
+  owners = [own_expert(task) for task in tasks]
+  modules: dict[str, Measures] = {}
+  for path, value in shares.items():
+    value = np.asarray(value, np.float64)
+    own = [math.nan if e is None else float(row[e] / top_k) for row, e in zip(value, owners)]
+    modules[path] = Measures(own_share=dict(zip(tasks, own)), entropy=dict(zip(tasks, map(_entropy_bits, value))))
+  sides = {"encoder": [p for p in modules if reads_encoder_positions(p)],
+           "decoder": [p for p in modules if not reads_encoder_positions(p)], "all": list(modules)}
+  summary = {side: Measures(**{measure: {task: _mean([modules[p][measure][task] for p in paths]) for task in tasks}
+                               for measure in ("own_share", "entropy")})
+             for side, paths in sides.items()}
+  num_experts = len(expert_tasks)
+  return Diagnostics(chance_share=1.0 / num_experts, max_entropy=math.log2(num_experts), modules=modules,
+                     summary=summary)
+
+
+def diagnostics_markdown(diagnostics: Diagnostics, table: Mapping[str, Mapping[str, float]],
+                         tasks: Sequence[str]) -> str:
+  """A results.md section: per evaluation task, the own-expert share per side, the routing entropy and, when `table`
+  ({method: {task: score}}) holds both "oracle" and "phatgoose", the oracle gap, which says how much better routing
+  could do on that task."""
+  summary, max_entropy = diagnostics["summary"], diagnostics["max_entropy"]
+  gap = "oracle" in table and "phatgoose" in table
+  header = ["task", "own share, encoder (%)", "own share, decoder (%)", "own share, all (%)",
+            f"entropy (bits, max {max_entropy:.2f})", *(["oracle gap (points)"] if gap else [])]
+  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for task in tasks:
+    cells = [task.removeprefix("synthetic_"),
+             *(_cell(100 * summary[side]["own_share"][task], ".1f") for side in ("encoder", "decoder", "all")),
+             _cell(summary["all"]["entropy"][task], ".2f")]
+    if gap:
+      cells.append(_cell(table["oracle"].get(task, math.nan) - table["phatgoose"].get(task, math.nan), "+.1f"))
+    rows.append("| " + " | ".join(cells) + " |")
+  return ("## PHATGOOSE routing diagnostics\n\nPer evaluation task, averaged over expert modules: the share of its "
+          "routing choices (tokens x k) that go to its own expert (encoder side: modules that route encoder positions, "
+          "i.e. the encoder and cross-attention key/value; decoder side: the rest) and the entropy of its routing "
+          "over experts" + ("; the oracle gap is the oracle's score minus PHATGOOSE's" if gap else "") + ". n/a: the "
+          "task has no expert of its own.\n\n" + "\n".join(rows) + f"\n\nChance share 1/E = "
+          f"{100 * diagnostics['chance_share']:.1f}%; maximum entropy log2(E) = {max_entropy:.2f} bits.\n")
+
+
+def _skill_expert(task: str, expert_tasks: list[str]) -> int | None:
+  """The expert of the task's skill (`pipeline.skill_of`), None for a skill without an expert."""
+  skill = task.removesuffix("_heldout")
+  return expert_tasks.index(skill) if skill in expert_tasks else None
+
+
+def _entropy_bits(row: np.ndarray) -> float:
+  """Entropy in bits of a routing row normalised to a distribution (0 log 0 = 0)."""
+  p = row / row.sum()
+  p = p[p > 0]
+  return float(-np.sum(p * np.log2(p)))
+
+
+def _mean(values: Sequence[float]) -> float:
+  return float(np.mean(values)) if values else math.nan
+
+
+def _cell(value: float, spec: str) -> str:
+  return "n/a" if math.isnan(value) else format(value, spec)
