@@ -39,6 +39,8 @@ class Skill:
   sample: Callable[[random.Random], Sample]
   heldin: tuple[str, ...]
   heldout: tuple[str, ...]
+  choices: int = NUM_CHOICES  # answer choices per example (a classification skill: its number of labels)
+  prefix: str = "synthetic"  # tasks are <prefix>_<name> and <prefix>_<name>_heldout
 
 
 def _word(rng: random.Random, lo: int, hi: int, alphabet: Sequence[str] = LETTERS) -> str:
@@ -159,24 +161,28 @@ MIXTURES = {"synthetic_heldin": EXPERT_TASKS, "synthetic_heldout": HELDOUT_TASKS
 
 
 def _example(skill: Skill, rng: random.Random) -> tuple[dict[str, str], str, list[str]]:
-  """Fields, target and NUM_CHOICES distinct answer choices (target included) in a shuffled order."""
+  """Fields, target and `skill.choices` distinct answer choices (target included) in a shuffled order."""
   fields, target, candidates = skill.sample(rng)
   rng.shuffle(candidates)
   distractors = list(dict.fromkeys(c for c in candidates if c and c != target))
-  while len(distractors) < NUM_CHOICES - 1:  # degenerate inputs (palindromes, ...) collapse some near misses
+  while len(distractors) < skill.choices - 1:  # degenerate inputs (palindromes, ...) collapse some near misses
     miss = _near_miss(target, rng)
     if miss not in distractors:
       distractors.append(miss)
-  choices = [target] + distractors[:NUM_CHOICES - 1]
+  choices = [target] + distractors[:skill.choices - 1]
   rng.shuffle(choices)
   return fields, target, choices
 
 
-@functools.lru_cache(maxsize=None)
 def raw_examples(skill_name: str, split: str) -> tuple[tuple[dict[str, str], str, list[str]], ...]:
+  """The split's examples of one of this module's skills (see `skill_examples`)."""
+  return skill_examples(SKILLS[SKILL_NAMES.index(skill_name)], split)
+
+
+@functools.lru_cache(maxsize=None)
+def skill_examples(skill: Skill, split: str) -> tuple[tuple[dict[str, str], str, list[str]], ...]:
   """The split's examples, deterministic (seeded by the skill's name) and disjoint from the other splits."""
-  skill = SKILLS[SKILL_NAMES.index(skill_name)]
-  rng = random.Random(f"moe_jax/synthetic/{skill_name}")
+  rng = random.Random(f"moe_jax/{skill.prefix}/{skill.name}")
   seen, examples = set(), []
   while len(examples) < sum(SPLIT_SIZES.values()):
     example = _example(skill, rng)
@@ -189,13 +195,13 @@ def raw_examples(skill_name: str, split: str) -> tuple[tuple[dict[str, str], str
     if name == split:
       return tuple(examples[start:start + size])
     start += size
-  raise ValueError(f"Unknown split {split!r} for synthetic_{skill_name}; expected one of {tuple(SPLIT_SIZES)}")
+  raise ValueError(f"Unknown split {split!r} for {skill.prefix}_{skill.name}; expected one of {tuple(SPLIT_SIZES)}")
 
 
 def _dataset_fn(skill: Skill, templates: tuple[str, ...]) -> Callable[..., tf.data.Dataset]:
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # an in-memory list: the Task shuffles its examples after this
-    rows = raw_examples(skill.name, split)
+    rows = skill_examples(skill, split)
     return tf.data.Dataset.from_tensor_slices({
         # Templates in turn: every template is used equally often in every split.
         "inputs": [templates[i % len(templates)].format(**f) for i, (f, _, _) in enumerate(rows)],
@@ -222,22 +228,30 @@ def register(vocabulary: seqio.Vocabulary | None = None) -> None:
 
   The default is the run's vocabulary (`moe_jax.data.vocab.run_vocabulary`), resolved when the data is read.
   """
+  register_skills(SKILLS, MIXTURES, vocabulary)
+
+
+def register_skills(skills: Sequence[Skill], mixtures: dict[str, Sequence[str]],
+                    vocabulary: seqio.Vocabulary | None = None) -> None:
+  """(Re-)register each skill's held-in and held-out tasks (a skill without templates of a kind has no such task)
+  and the mixtures of them."""
   vocabulary = vocabulary or run_vocabulary()
   features = {k: seqio.Feature(vocabulary, add_eos=True) for k in ("inputs", "targets")}
-  for name in MIXTURES:
+  for name in mixtures:
     seqio.MixtureRegistry.remove(name)
-  for skill in SKILLS:
-    for name, templates in ((f"synthetic_{skill.name}", skill.heldin),
-                            (f"synthetic_{skill.name}_heldout", skill.heldout)):
+  for skill in skills:
+    for name, templates in ((f"{skill.prefix}_{skill.name}", skill.heldin),
+                            (f"{skill.prefix}_{skill.name}_heldout", skill.heldout)):
       seqio.TaskRegistry.remove(name)
-      seqio.TaskRegistry.add(
-          name,
-          source=seqio.FunctionDataSource(_dataset_fn(skill, templates), splits=tuple(SPLIT_SIZES),
-                                          num_input_examples=dict(SPLIT_SIZES)),
-          output_features=features,
-          preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-          metric_fns=[exact_match, metrics.rank_classification])
-  for name, tasks in MIXTURES.items():
+      if templates:
+        seqio.TaskRegistry.add(
+            name,
+            # No num_input_examples: seqio would cache these in-memory lists again, and warn on every partial read.
+            source=seqio.FunctionDataSource(_dataset_fn(skill, templates), splits=tuple(SPLIT_SIZES)),
+            output_features=features,
+            preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+            metric_fns=[exact_match, metrics.rank_classification])
+  for name, tasks in mixtures.items():
     seqio.MixtureRegistry.add(name, tasks, default_rate=1.0)
 
 

@@ -25,7 +25,7 @@ def test_tasks_and_mixtures_registered_idempotently():
 
 def test_examples_deterministic_and_splits_disjoint():
   first = {s: synthetic.raw_examples(s, "validation") for s in synthetic.SKILL_NAMES}
-  synthetic.raw_examples.cache_clear()
+  synthetic.skill_examples.cache_clear()
   assert first == {s: synthetic.raw_examples(s, "validation") for s in synthetic.SKILL_NAMES}
   a = pipeline.eval_examples("synthetic_caesar", "test", LENGTHS, max_examples=20)
   b = pipeline.eval_examples("synthetic_caesar", "test", LENGTHS, max_examples=20)
