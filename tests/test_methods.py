@@ -240,7 +240,32 @@ def test_pipeline_user_errors_are_user_errors():
   run_dir = f"memory://pipeline-{uuid.uuid4().hex}"
   with pytest.raises(ConfigError, match=r"unknown \['nope'\]"):
     pipeline.phatgoose_pipeline(run_dir=run_dir, methods=["phatgoose", "nope"])
-  with pytest.raises(ConfigError, match="multitask_steps=0 needs init_from"):
-    pipeline.phatgoose_pipeline(run_dir=run_dir, multitask_steps=0)
+  with pytest.raises(ConfigError, match="pretrain_steps=0 needs init_from"):
+    pipeline.phatgoose_pipeline(run_dir=run_dir)
+  with pytest.raises(ConfigError, match="needs pretrain_mixture"):
+    pipeline.phatgoose_pipeline(run_dir=run_dir, pretrain_steps=2)
   with pytest.raises(ConfigError, match="'synthetic_copy' has no expert of its own"):
     pipeline._oracle_expert("synthetic_copy", ["synthetic_sort"])  # pylint: disable=protected-access
+
+
+def test_seed_tables_hold_the_mean_and_spread():
+  """Two runs' results.json by hand: results.md holds each score's mean, then its sample standard deviation; the mean
+  columns' spread is that of the runs' own means."""
+  run_dir = f"memory://seeds-{uuid.uuid4().hex}"
+  tasks = ["demo_case", "demo_case_heldout", "demo_smaller_heldout"]
+  runs = [{"oracle": {"demo_case": 90.0, "demo_case_heldout": 60.0, "demo_smaller_heldout": float("nan")},
+           "phatgoose": {"demo_case": 50.0, "demo_case_heldout": 40.0, "demo_smaller_heldout": 30.0}},
+          {"oracle": {"demo_case": 100.0, "demo_case_heldout": 70.0, "demo_smaller_heldout": float("nan")},
+           "phatgoose": {"demo_case": 54.0, "demo_case_heldout": 40.0, "demo_smaller_heldout": 50.0}}]
+  dirs = []
+  for i, table in enumerate(runs):
+    dirs.append(fs.join(run_dir, f"seed_{i}"))
+    pipeline.write_table(table, tasks, dirs[-1], ["demo_case"])
+  path = pipeline.write_seed_tables(run_dir, dirs, ["demo_case"])
+  text = fs.read_text(path)
+  mean, spread = text.split("## Spread over 2 seeds")
+  assert "| oracle | 95.0 | 65.0 | n/a | **95.0** | **65.0** | n/a | n/a |" in mean
+  assert "| phatgoose | 52.0 | 40.0 | 40.0 | **52.0** | **40.0** | **40.0** | **44.0** |" in mean
+  # sd of (50, 54) = 2.83; of (30, 50) = 14.14; of the means (40, 48) = 5.66
+  assert "| phatgoose | 2.8 | 0.0 | 14.1 | **2.8** | **0.0** | **14.1** | **5.7** |" in spread
+  assert json.loads(fs.read_text(fs.join(run_dir, "results.json")))["tasks"]["phatgoose"]["demo_case"] == 52.0

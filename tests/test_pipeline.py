@@ -27,7 +27,8 @@ def test_every_method_runs_end_to_end(tmp_path):
   try:
     results = pipeline.phatgoose_pipeline(
         run_dir=str(tmp_path), expert_tasks=["synthetic_reverse", "synthetic_sort"],
-        eval_tasks=["synthetic_sort", "synthetic_reverse_heldout"], multitask_steps=3, expert_steps=3, gate_steps=2,
+        eval_tasks=["synthetic_sort", "synthetic_reverse_heldout"], pretrain_mixture="demo_pretrain",
+        pretrain_steps=3, multitask_steps=3, expert_steps=3, gate_steps=2,
         max_eval_examples=8, activation_examples=8, retrieval_examples=8, eval_batch_size=8, model_config=TINY,
         experts=ExpertConfig(rank=4), top_k=1)
   finally:
@@ -49,7 +50,7 @@ def _uniform_equals_merged(run_dir):
   output of the mean update (merged experts), since LoRA is linear in its update. Two fp32 orders of summation
   differ by ~1e-6 of the logits; a dropped module, a wrong 1/r or a wrong mean moves them by far more."""
   mesh, rules = part.make_mesh(), part.axis_rules()
-  backbone = loop.load_backbone(os.path.join(run_dir, "multitask"), TINY, part.logical_shardings(
+  backbone = loop.load_backbone(os.path.join(run_dir, "backbone"), TINY, part.logical_shardings(
       part.abstract_params(Transformer(TINY)), mesh, rules), seed=0)
   moe_tree, _ = ckpt.load_experts(os.path.join(run_dir, "moe.safetensors"), TINY)
   examples = eval_examples("synthetic_sort", "validation", synthetic.FEATURE_LENGTHS, max_examples=8)
@@ -74,7 +75,8 @@ def test_demo_gin_runs_through_the_cli(tmp_path):
   import sys
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  bindings = [f"phatgoose_pipeline.run_dir='{tmp_path}'", "phatgoose_pipeline.multitask_steps=2",
+  bindings = [f"phatgoose_pipeline.run_dir='{tmp_path}'", "phatgoose_pipeline.pretrain_steps=2",
+              "phatgoose_pipeline.multitask_steps=2",
               "phatgoose_pipeline.expert_steps=2", "phatgoose_pipeline.gate_steps=1",
               "phatgoose_pipeline.expert_tasks=['synthetic_reverse', 'synthetic_sort']",
               "phatgoose_pipeline.eval_tasks=['synthetic_sort', 'synthetic_reverse_heldout']",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from moe_jax.methods.routing import diagnostics_markdown, routing_diagnostics
+from moe_jax.methods.routing import comparison_markdown, diagnostics_markdown, router_agreement, routing_diagnostics
 from moe_jax.plots import plot_routing_diagnostics
 
 EXPERTS = ["synthetic_a", "synthetic_b", "synthetic_c"]
@@ -98,3 +98,28 @@ def test_plot_written(diagnostics, tmp_path):
     data = f.read()
   assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n")
   assert not list((tmp_path / "plots").glob("*.tmp-*"))
+
+
+def test_router_agreement_is_the_correlation_of_the_vectors():
+  """Per module and expert, the Pearson correlation of the two router vectors (scipy as the reference); a vector
+  and a scaled, shifted copy agree fully, whatever the scale PHATGOOSE's standardisation removes."""
+  rng = np.random.default_rng(0)
+  gates = rng.normal(size=(3, 8))
+  other = np.stack([2.0 * gates[0] + 1.0, -gates[1], rng.normal(size=8)])
+  tree = lambda v: {"encoder": {"layers_0": {"attention": {"query": {"router": v, "lora_a": np.zeros((3, 8, 2))}}}}}
+  agreement = router_agreement(tree(gates), tree(other))
+  assert list(agreement) == [ENCODER]
+  expected = [stats.pearsonr(gates[i], other[i])[0] for i in range(3)]
+  np.testing.assert_allclose(agreement[ENCODER], expected, rtol=0, atol=1e-6)  # float32 vectors
+  np.testing.assert_allclose(agreement[ENCODER][:2], [1.0, -1.0], rtol=0, atol=1e-6)
+
+
+def test_comparison_markdown(diagnostics):
+  other = routing_diagnostics({k: v[:, ::-1] for k, v in SHARES.items()}, TASKS, EXPERTS, top_k=2)
+  text = comparison_markdown(["phatgoose", "average_activation"], [diagnostics, other], ["synthetic_a"],
+                             {ENCODER: np.array([0.5, 0.3, 0.1]), MLP: np.array([1.0, 1.0, 1.0])})
+  # synthetic_a's own expert is 0: encoder side (ENCODER, CROSS_KEY) 0.75, 0.5; decoder side (MLP) 0.5
+  assert "| phatgoose | 62.5 | 50.0 | 58.3 |" in text
+  # reversed columns: expert 0 gets what expert 2 got: 0.25/2, 1/2 | 0.5/2
+  assert "| average_activation | 31.2 | 25.0 | 29.2 |" in text
+  assert "encoder 0.30, decoder 1.00, all 0.65" in text

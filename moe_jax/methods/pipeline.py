@@ -1,9 +1,10 @@
-"""The whole PHATGOOSE pipeline as one gin job: backbone -> one expert per task -> its gate -> concatenation ->
-every routing/merging method evaluated on the same experts -> `results.md` and `routing.png`.
+"""The whole PHATGOOSE pipeline as one gin job: generic backbone -> one expert per task -> its gate ->
+concatenation -> every routing/merging method evaluated on the same experts -> `results.md` and `routing.png`.
 
-The backbone is multitask-trained here (the demo: a tiny T5 from scratch, `multitask_steps > 0`) or taken as it is
-from `init_from` (`multitask_steps = 0`: a pretrained T5 such as t5-xl-lm-adapt, the real-scale configs). The
-"multitask" method evaluates that backbone, or `multitask_from` (e.g. FLAN-T5-XL, a T0-style P3 model).
+The backbone is pretrained here on a generic objective (the demo: a tiny T5 from scratch, `pretrain_steps > 0`) or
+taken as it is from `init_from` (a pretrained T5 such as t5-xl-lm-adapt, the real-scale configs). The "multitask"
+method is a separate model trained from that backbone on the expert tasks together (the demo), or
+`multitask_from` (e.g. T0-3B, FLAN-T5-XL).
 
 `python -m moe_jax.train --gin_file=gin/phatgoose.gin` runs it; each stage is skipped when its product exists, so
 an interrupted pipeline picks up where it stopped.
@@ -12,6 +13,7 @@ an interrupted pipeline picks up where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +23,7 @@ import gin
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from moe_jax import fs
 from moe_jax.errors import ConfigError, MismatchError
@@ -28,12 +31,14 @@ from moe_jax.evaluation.scoring import batch_rows, pad_tokens
 from moe_jax.methods import average_activation, merged, retrieval
 from moe_jax.methods.concatenate import concatenate
 from moe_jax.data import vocab
-from moe_jax.methods.routing import routing_shares
+from moe_jax.methods.routing import (comparison_markdown, diagnostics_markdown, router_agreement,
+                                    routing_diagnostics, routing_shares)
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.routers import Fixed, Phatgoose, Uniform
 from moe_jax.models.t5 import Transformer
-from moe_jax.plots import plot_routing
+from moe_jax.plots import plot_routing, plot_routing_diagnostics
+from moe_jax.progress import JobProgress
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import loop
 from moe_jax.training import partitioning as part
@@ -59,30 +64,47 @@ def skill_of(task: str) -> str:
 
 
 @gin.configurable(denylist=["gin_config_str"])
-def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthetic_heldin",
-                       init_from: str | None = None, multitask_from: str | None = None,
-                       expert_tasks: Sequence[str] | None = None, eval_tasks: Sequence[str] | None = None,
-                       methods: Sequence[str] = METHODS, top_k: int = 2, multitask_steps: int = 1000,
+def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None, pretrain_mixture: str | None = None,
+                       pretrain_steps: int = 0, base_mixture: str | None = None, multitask_steps: int | None = None,
+                       multitask_from: str | None = None, expert_tasks: Sequence[str] | None = None,
+                       eval_tasks: Sequence[str] | None = None, methods: Sequence[str] = METHODS, top_k: int = 2,
                        expert_steps: int = 1000, gate_steps: int = 100, eval_split: str = "validation",
                        max_eval_examples: int | None = 200, activation_examples: int = 1000,
                        retrieval_examples: int = 1000, eval_batch_size: int = 32,
                        feature_lengths: Mapping[str, int] | None = None, model_config: T5Config | None = None,
-                       experts: ExpertConfig | None = None, gin_config_str: str = "") -> str:
+                       experts: ExpertConfig | None = None, seeds: Sequence[int] | None = None,
+                       seed: int | None = None, gin_config_str: str = "") -> str:
   """Run every stage under `run_dir` and return the path of `results.md`.
 
-  Defaults for the built-in synthetic tasks: one expert per `tasks.synthetic.EXPERT_TASKS` (held-in templates),
-  evaluated on those tasks and on their held-out templates. `eval_tasks` may name mixtures (they expand to their
-  tasks, and the table reports their mean: a T0 dataset over its templates); 'oracle' needs every evaluation task
-  to be, or end in `_heldout` after, an expert task.
-  """
-  from tasks import synthetic  # pylint: disable=g-import-not-at-top
+  `seed` seeds every stage (initialisation and data order; default: `train.seed`). `seeds` runs the whole pipeline
+  once per seed, under `run_dir/seed_<s>`, and writes `run_dir/results.md` with each score's mean over the seeds
+  and its spread (sample standard deviation), for numbers that vary across machines.
 
+  The stages mirror PHATGOOSE's setting. The backbone is generic: pretrained here on `pretrain_mixture` for
+  `pretrain_steps` (the demo: a tiny T5 from scratch, prefix LM on generic text), or taken as it is from `init_from`
+  (`pretrain_steps = 0`: e.g. t5-xl-lm-adapt). Experts and gates are trained from that frozen backbone. The
+  "multitask" method is a separate model, as T0 is: `multitask_from`, or trained here from the backbone on
+  `base_mixture` (default: the expert tasks together) for `multitask_steps` (default: the experts' total budget,
+  len(expert_tasks) * expert_steps, at the same batch size); with neither, it is the backbone itself.
+
+  Defaults are the built-in demo's (`tasks.demo`): one expert per held-in task, evaluated on those tasks, their
+  held-out templates and the held-out tasks. `eval_tasks` may name mixtures (they expand to their tasks, and the
+  table reports their mean: a T0 dataset over its templates); 'oracle' needs every evaluation task to be, or end in
+  `_heldout` after, an expert task.
+  """
+  from tasks import common as task_common, demo, synthetic  # pylint: disable=g-import-not-at-top
+
+  if seeds:
+    arguments = {k: v for k, v in locals().items() if k in _PIPELINE_ARGUMENTS}
+    for s in seeds:
+      phatgoose_pipeline(**{**arguments, "run_dir": fs.join(run_dir, f"seed_{s}"), "seeds": None, "seed": s})
+    return write_seed_tables(run_dir, [fs.join(run_dir, f"seed_{s}") for s in seeds], expert_tasks)
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise ConfigError(f"phatgoose_pipeline.methods: unknown {unknown}; expected some of {METHODS}")
   config = model_config or T5Config()
-  expert_tasks = list(expert_tasks or synthetic.EXPERT_TASKS)
-  eval_tasks = list(eval_tasks or [*expert_tasks, *synthetic.HELDOUT_TASKS])
+  expert_tasks = list(expert_tasks or demo.EXPERT_TASKS)
+  eval_tasks = list(eval_tasks or (demo.EVAL_TASKS if expert_tasks == list(demo.EXPERT_TASKS) else expert_tasks))
   lengths = dict(feature_lengths or synthetic.FEATURE_LENGTHS)
   common = dict(model_config=config, feature_lengths=lengths)
   fs.makedirs(run_dir)
@@ -90,33 +112,83 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, base_mixture: str = "synthet
     fs.write_text(fs.join(run_dir, "config.gin"), gin_config_str)
 
   common["gin_config_str"] = gin_config_str  # every stage writes its config.gin too
-  if multitask_steps > 0:
-    backbone_dir = fs.join(run_dir, "multitask")
-    loop.train(model_dir=backbone_dir, mixture_or_task_name=base_mixture, stage="multitask",
-               total_steps=multitask_steps, init_from=init_from, validate_every=0, **common)
-  elif init_from is None:
-    raise ConfigError("phatgoose_pipeline: multitask_steps=0 needs init_from (a pretrained backbone)")
+  if pretrain_steps > 0 and pretrain_mixture is None:
+    raise ConfigError("phatgoose_pipeline: pretrain_steps > 0 needs pretrain_mixture (a generic objective)")
+  if pretrain_steps == 0 and init_from is None:
+    raise ConfigError("phatgoose_pipeline: pretrain_steps=0 needs init_from (a pretrained backbone)")
+  if multitask_steps is None:
+    multitask_steps = 0 if multitask_from else len(expert_tasks) * expert_steps
+  multitask_steps = multitask_steps if "multitask" in methods else 0
+  # Work in training steps; scoring one batch of one task (its choices) is counted as about two steps.
+  eval_units = 2 * len(methods) * len(eval_tasks) * -(-(max_eval_examples or 1000) // eval_batch_size)
+  progress = JobProgress("phatgoose_pipeline", pretrain_steps + multitask_steps
+                         + len(expert_tasks) * (expert_steps + gate_steps) + eval_units)
+
+  def stage(name: str, model_dir: str, kind: str, steps: int, **kwargs: Any) -> str:
+    worked = not fs.exists(loop.stage_product(model_dir, kind))
+    product = loop.train(model_dir=model_dir, stage=kind, total_steps=steps, **kwargs,
+                         **({} if seed is None else {"seed": seed}))
+    progress.done(name, steps, worked)
+    return product
+
+  if pretrain_steps > 0:
+    backbone_dir = fs.join(run_dir, "backbone")
+    stage("pretraining", backbone_dir, "multitask", pretrain_steps, mixture_or_task_name=pretrain_mixture,
+          init_from=init_from, validate_every=0, **common)
   else:
     backbone_dir = init_from
+  if multitask_steps > 0:
+    if multitask_from is not None:
+      raise ConfigError("phatgoose_pipeline: give multitask_from (a multitask model) or multitask_steps, not both")
+    if base_mixture is None:
+      base_mixture = "phatgoose_pipeline_expert_tasks"
+      task_common.add_mixture(base_mixture, expert_tasks)
+    multitask_from = fs.join(run_dir, "multitask")
+    stage("multitask baseline", multitask_from, "multitask", multitask_steps, mixture_or_task_name=base_mixture,
+          init_from=backbone_dir, validate_every=0, **common)
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone = loop.load_backbone(backbone_dir, config, part.logical_shardings(
       part.abstract_params(Transformer(config)), mesh, rules), seed=0)  # once, for every stage below
   gate_files = []
   for task in expert_tasks:
     expert_dir = fs.join(run_dir, "experts", task)
-    loop.train(model_dir=expert_dir, mixture_or_task_name=task, stage="expert", total_steps=expert_steps,
-               init_from=backbone_dir, experts=experts, backbone=backbone, **common)
-    gate_files.append(loop.train(model_dir=fs.join(run_dir, "gates", task), mixture_or_task_name=task,
-                                 stage="gate", total_steps=gate_steps, init_from=backbone_dir,
-                                 expert_from=expert_dir, experts=experts, backbone=backbone, **common))
+    stage(f"expert {task}", expert_dir, "expert", expert_steps, mixture_or_task_name=task, init_from=backbone_dir,
+          experts=experts, backbone=backbone, **common)
+    gate_files.append(stage(f"gate {task}", fs.join(run_dir, "gates", task), "gate", gate_steps,
+                            mixture_or_task_name=task, init_from=backbone_dir, expert_from=expert_dir,
+                            experts=experts, backbone=backbone, **common))
 
   moe_file = fs.join(run_dir, "moe.safetensors")
   if not fs.exists(moe_file):
     concatenate(gate_files, moe_file)
   with vocab.using(backbone.vocabulary):
-    return evaluate_methods(run_dir, config, backbone, moe_file, expert_tasks, eval_tasks, methods, top_k,
-                            experts, eval_split, max_eval_examples, activation_examples, retrieval_examples,
-                            eval_batch_size, lengths, multitask_from)
+    results = evaluate_methods(run_dir, config, backbone, moe_file, expert_tasks, eval_tasks, methods, top_k,
+                               experts, eval_split, max_eval_examples, activation_examples, retrieval_examples,
+                               eval_batch_size, lengths, multitask_from)
+  progress.done("evaluation", eval_units)
+  return results
+
+
+_PIPELINE_ARGUMENTS = tuple(inspect.signature(phatgoose_pipeline).parameters)
+
+
+def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequence[str] | None) -> str:
+  """results.md/json under `run_dir` from the runs in `seed_dirs`: each score's mean over them, then a table of
+  its spread (sample standard deviation over the seeds, in points); returns the results.md path."""
+  from tasks import demo  # pylint: disable=g-import-not-at-top
+
+  runs = [json.loads(fs.read_text(fs.join(d, "results.json"))) for d in seed_dirs]
+  tables = [run["tasks"] for run in runs]
+  tasks = list(tables[0][next(iter(tables[0]))])
+  columns = [*tasks, *runs[0]["summary"][next(iter(tables[0]))]]
+  stack = {m: {c: np.array([{**run["tasks"][m], **run["summary"][m]}[c] for run in runs], np.float64)
+               for c in columns} for m in tables[0]}
+  mean = {m: {t: float(np.mean(stack[m][t])) for t in tasks} for m in stack}
+  spread = {m: {c: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for c, v in row.items()} for m, row in stack.items()}
+  appendix = (f"## Spread over {len(seed_dirs)} seeds\n\nThe table above holds each score's mean over the runs "
+              f"{', '.join(fs.basename(d) for d in seed_dirs)}; this one its sample standard deviation (points; the "
+              "mean columns: of the runs' means).\n\n" + _markdown_table(spread, columns, columns[len(tasks):]))
+  return write_table(mean, tasks, run_dir, list(expert_tasks or demo.EXPERT_TASKS), appendix)
 
 
 def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
@@ -219,24 +291,44 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe_file: str,
   with part.activate(mesh, rules):
     built = build_methods(methods, config, loaded.params, moe_tree, expert_tasks, top_k, experts,
                           activation_examples, retrieval_examples, lengths, mesh, rules, multitask)
+    bar = tqdm(total=len(built) * len(eval_tasks), desc="evaluate methods", unit="task",
+               disable=jax.process_index() != 0)
     for name, method in built.items():
       table[name] = {}
       for group in eval_tasks:
+        bar.update(1)
+        if name == "oracle" and skill_of(group) not in expert_tasks:
+          table[name][group] = float("nan")  # a held-out task has no expert of its own
+          continue
         scores = [primary_metric(evaluate_task(method.model, method.params, task, split, batch_size, lengths,
                                                "auto", max_examples=max_examples,
                                                routing_ids_fn=method.routing_ids_fn)["metrics"])
                   for task in expand_tasks([group])]
         table[name][group] = float(np.mean(scores))
-      print(f"{name}: mean score {np.mean(list(table[name].values())):.2f}")
+      bar.write(f"{name}: mean score {np.nanmean(list(table[name].values())):.2f}")
+    bar.close()
     shares = None if "phatgoose" not in built else routing_shares(
         built["phatgoose"].model, built["phatgoose"].params, eval_tasks, split, lengths, max_examples)
-  path = write_table(table, eval_tasks, run_dir)
+    appendix = ""
+    if shares is not None:
+      diagnostics = routing_diagnostics(shares, eval_tasks, expert_tasks, top_k)
+      appendix = diagnostics_markdown(diagnostics, table, eval_tasks)
+    if shares is not None and "average_activation" in built:  # did gate training find more than the mean input?
+      average = built["average_activation"]
+      appendix += "\n" + comparison_markdown(
+          ["phatgoose", "average_activation"],
+          [diagnostics, routing_diagnostics(routing_shares(average.model, average.params, expert_tasks, split, lengths,
+                                                           max_examples), expert_tasks, expert_tasks, top_k)],
+          expert_tasks, router_agreement(built["phatgoose"].params, average.params))
+  path = write_table(table, eval_tasks, run_dir, expert_tasks, appendix)
   if shares is not None and jax.process_index() == 0:  # every process computes (the arrays span them all); one writes
+    plot_routing_diagnostics(diagnostics, list(eval_tasks), fs.join(run_dir, "routing_diagnostics.png"))
+    fs.write_text(fs.join(run_dir, "routing_diagnostics.json"), json.dumps(diagnostics, indent=1) + "\n")
     arrays = io.BytesIO()
     np.savez(arrays, tasks=np.array(eval_tasks), experts=np.array(expert_tasks),
              **{k.replace("/", "."): v for k, v in shares.items()})
     fs.write_bytes(fs.join(run_dir, "routing.npz"), arrays.getvalue())
-    plot_routing(shares, list(eval_tasks), [t.removeprefix("synthetic_") for t in expert_tasks],
+    plot_routing(shares, list(eval_tasks), [t.removeprefix("synthetic_").removeprefix("demo_") for t in expert_tasks],
                  fs.join(run_dir, "routing.png"))
   return path
 
@@ -248,24 +340,43 @@ def primary_metric(metrics: Mapping[str, float]) -> float:
   raise ConfigError(f"no primary metric ({PRIMARY_METRICS}) among {sorted(metrics)}")
 
 
-def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], run_dir: str) -> str:
-  """results.md (method x task accuracy, with held-in, held-out and overall means) and results.json, written by
-  process 0 only; returns the results.md path on every process."""
-  heldout = [t for t in tasks if t.endswith("_heldout")]
-  heldin = [t for t in tasks if t not in heldout]
-  groups = [("mean held-in", heldin), ("mean held-out", heldout), ("mean", list(tasks))]
-  groups = [(label, ts) for label, ts in groups if ts]
-  short = lambda t: t.removeprefix("synthetic_")
-  header = ["method", *map(short, tasks), *(label for label, _ in groups)]
-  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  summary = {}
-  for method, scores in table.items():
-    means = [float(np.mean([scores[t] for t in ts])) for _, ts in groups]
-    summary[method] = dict(zip((label for label, _ in groups), means))
-    cells = [method, *(f"{scores[t]:.1f}" for t in tasks), *(f"**{m:.1f}**" for m in means)]
-    rows.append("| " + " | ".join(cells) + " |")
+def _groups(tasks: Sequence[str], expert_tasks: Sequence[str]) -> list[tuple[str, list[str]]]:
+  """(label, tasks) of the mean columns: held-in tasks, held-out templates of them, held-out tasks, all. Without
+  `expert_tasks`, every `*_heldout` task counts as held out."""
+  heldin = [t for t in tasks if t in expert_tasks or (not expert_tasks and not t.endswith("_heldout"))]
+  templates = [t for t in tasks if t not in heldin and skill_of(t) in expert_tasks]
+  heldout = [t for t in tasks if t not in heldin and t not in templates]
+  groups = [("mean held-in", heldin), ("mean held-out templates", templates), ("mean held-out", heldout),
+            ("mean", list(tasks))]
+  return [(label, ts) for label, ts in groups if ts]
+
+
+def _summary(table: Mapping[str, Mapping[str, float]], groups: Sequence[tuple[str, Sequence[str]]]
+             ) -> dict[str, dict[str, float]]:
+  """{method: {group label: mean score}}; NaN (a score that does not exist) makes its means NaN."""
+  return {m: {label: float(np.mean([scores[t] for t in ts])) for label, ts in groups} for m, scores in table.items()}
+
+
+def _markdown_table(table: Mapping[str, Mapping[str, float]], columns: Sequence[str], bold: Sequence[str]) -> str:
+  short = lambda t: t.removeprefix("synthetic_").removeprefix("demo_")
+  cell = lambda v, column: "n/a" if np.isnan(v) else (f"**{v:.1f}**" if column in bold else f"{v:.1f}")
+  rows = ["| " + " | ".join(["method", *map(short, columns)]) + " |", "|" + "---|" * (len(columns) + 1)]
+  rows += ["| " + " | ".join([m, *(cell(scores[c], c) for c in columns)]) + " |" for m, scores in table.items()]
+  return "\n".join(rows) + "\n"
+
+
+def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], run_dir: str,
+                expert_tasks: Sequence[str] = (), appendix: str = "") -> str:
+  """results.md (method x task score, with the `_groups` means) then `appendix`, and results.json, written by
+  process 0 only; returns the results.md path on every process. A score that does not exist (oracle routing of a
+  task with no expert) is NaN, shown as n/a, and so is any mean over it."""
+  groups = _groups(tasks, expert_tasks)
+  summary = _summary(table, groups)
+  labels = [label for label, _ in groups]
   text = ("Score per method and task: rank-classification accuracy (%), else exact match (%) or ROUGE-Lsum of "
-          "greedy generation.\n\n" + "\n".join(rows) + "\n")
+          "greedy generation.\n\n" + _markdown_table({m: {**table[m], **summary[m]} for m in table},
+                                                     [*tasks, *labels], labels)
+          + (f"\n{appendix}" if appendix else ""))
   path = fs.join(run_dir, "results.md")
   if jax.process_index() == 0:
     fs.write_text(path, text)

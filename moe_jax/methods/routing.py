@@ -176,3 +176,31 @@ def _mean(values: Sequence[float]) -> float:
 
 def _cell(value: float, spec: str) -> str:
   return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def router_agreement(params_a: Any, params_b: Any) -> dict[str, np.ndarray]:
+  """{module path: [E] correlation of expert i's router vector in `params_a` with its vector in `params_b`}: the
+  cosine of the standardised vectors, which is what PHATGOOSE's router compares (e.g. trained gates against
+  average-activation vectors, the question whether gate training found more than the experts' mean input)."""
+  flat = lambda p: {path: np.asarray(v, np.float64) for path, v in part.to_host(
+      {"/".join(k[:-1]): jnp.asarray(v) for k, v in flax.traverse_util.flatten_dict(p).items()
+       if k[-1] == "router"}).items()}
+  a, b = flat(params_a), flat(params_b)
+  unit = lambda v: (lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True))(v - v.mean(axis=-1, keepdims=True))
+  return {path: np.sum(unit(a[path]) * unit(b[path]), axis=-1) for path in a}
+
+
+def comparison_markdown(names: Sequence[str], diagnostics: Sequence[Diagnostics], heldin: Sequence[str],
+                        agreement: Mapping[str, np.ndarray]) -> str:
+  """A results.md section comparing routers: each one's own-expert share over the held-in tasks per side, and the
+  mean correlation of their router vectors per side."""
+  sides = ("encoder", "decoder", "all")
+  rows = ["| router | " + " | ".join(f"own share, {s} (%)" for s in sides) + " |", "|---|---|---|---|"]
+  for name, d in zip(names, diagnostics):
+    rows.append(f"| {name} | " + " | ".join(
+        _cell(100 * _mean([d["summary"][s]["own_share"][t] for t in heldin]), ".1f") for s in sides) + " |")
+  correlation = {s: _mean([float(np.mean(v)) for p, v in agreement.items()
+                           if s == "all" or (s == "encoder") == reads_encoder_positions(p)]) for s in sides}
+  return (f"## Routers compared on the held-in tasks\n\n" + "\n".join(rows) + "\n\nMean correlation of each "
+          f"expert's {names[0]} router vector with its {names[1]} vector: " + ", ".join(
+              f"{s} {_cell(correlation[s], '.2f')}" for s in sides) + ".\n")
