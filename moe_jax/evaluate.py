@@ -5,11 +5,6 @@ See `moe_jax.evaluation.runner.evaluate` for the bindings. Set MOE_JAX_DEBUG=1 f
 
 from __future__ import annotations
 
-import os
-
-# TensorFlow (the data layer) logs INFO lines at import (its oneDNN notice, the CUDA stub); warnings and errors stay.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 import gin
 
 from moe_jax import gin_utils

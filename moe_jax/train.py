@@ -7,11 +7,6 @@ full tracebacks of input errors.
 
 from __future__ import annotations
 
-import os
-
-# TensorFlow (the data layer) logs INFO lines at import (its oneDNN notice, the CUDA stub); warnings and errors stay.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 from collections.abc import Callable
 
 import gin
