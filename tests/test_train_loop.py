@@ -226,7 +226,11 @@ def test_evaluate_stacked_experts(backbone_dir, tmp_path):
 
   stacked, stacked_lines = run("stacked", [first, second], 1)
   alone, alone_lines = run("alone", [second], 0)
-  assert stacked == alone and stacked_lines == alone_lines
+  assert stacked == alone
+  # The same predictions; scores equal up to float32 summation order (XLA may fuse a 2-expert stack differently)
+  for s, a in zip(map(json.loads, stacked_lines), map(json.loads, alone_lines), strict=True):
+    assert {k: v for k, v in s.items() if k != "scores"} == {k: v for k, v in a.items() if k != "scores"}
+    np.testing.assert_allclose(s["scores"], a["scores"], rtol=1e-6)
   assert os.path.isfile(tmp_path / "stacked" / "results.md")
 
 

@@ -313,13 +313,14 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe_file: str,
     if shares is not None:
       diagnostics = routing_diagnostics(shares, eval_tasks, expert_tasks, top_k)
       appendix = diagnostics_markdown(diagnostics, table, eval_tasks)
-    if shares is not None and "average_activation" in built:  # did gate training find more than the mean input?
+    heldin = [t for t in expert_tasks if t in eval_tasks]
+    if shares is not None and "average_activation" in built and heldin:  # did gates find more than the mean input?
       average = built["average_activation"]
       appendix += "\n" + comparison_markdown(
           ["phatgoose", "average_activation"],
-          [diagnostics, routing_diagnostics(routing_shares(average.model, average.params, expert_tasks, split, lengths,
-                                                           max_examples), expert_tasks, expert_tasks, top_k)],
-          expert_tasks, router_agreement(built["phatgoose"].params, average.params))
+          [diagnostics, routing_diagnostics(routing_shares(average.model, average.params, heldin, split, lengths,
+                                                           max_examples), heldin, expert_tasks, top_k)],
+          heldin, router_agreement(built["phatgoose"].params, average.params))
   path = write_table(table, eval_tasks, run_dir, expert_tasks, appendix)
   if shares is not None and jax.process_index() == 0:  # every process computes (the arrays span them all); one writes
     plot_routing_diagnostics(diagnostics, list(eval_tasks), fs.join(run_dir, "routing_diagnostics.png"))
