@@ -16,6 +16,11 @@ if TYPE_CHECKING:  # the routing module pulls in jax; a plot needs only its resu
   from moe_jax.methods.routing import Diagnostics
 
 
+def task_label(name: str) -> str:
+  """A task's name in tables and legends, without the built-in suites' prefix (`synthetic_`, `demo_`)."""
+  return name.removeprefix("synthetic_").removeprefix("demo_")
+
+
 def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], expert_names: Sequence[str],
                  path: str, max_panels: int = 48) -> str:
   """One heatmap per expert module: rows are tasks, columns experts, cells the fraction of the task's routing
@@ -27,7 +32,7 @@ def plot_routing(shares: Mapping[str, np.ndarray], task_names: Sequence[str], ex
   if len(panels) > max_panels:
     panels = _group_by_kind(panels)
   names = sorted(panels, key=_module_order)
-  tasks = [t.removeprefix("synthetic_") for t in task_names]
+  tasks = [task_label(t) for t in task_names]
   cols = min(6, len(names))
   rows = math.ceil(len(names) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(1.6 + 0.2 * len(expert_names) * cols + 0.3 * cols,
@@ -61,7 +66,7 @@ def plot_routing_diagnostics(diagnostics: Diagnostics, tasks: Sequence[str], pat
                                            constrained_layout=True)
   colors = plt.cm.tab10 if len(tasks) <= 10 else plt.cm.tab20  # one color per task, the same in both panels
   for i, task in enumerate(tasks):
-    style = dict(marker=".", color=colors(i % colors.N), label=task.removeprefix("synthetic_"))
+    style = dict(marker=".", color=colors(i % colors.N), label=task_label(task))
     own = np.array([modules[n]["own_share"][task] for n in names])
     if not np.all(np.isnan(own)):
       own_ax.plot(x, own, **style)

@@ -22,16 +22,15 @@ class JobProgress:
   """`done(stage, units)` after each stage; `total` units in all (a stage's `units` are its share of the work)."""
 
   def __init__(self, name: str, total: float):
-    self.name, self.total, self.units, self.stages = name, float(total), 0.0, 0
+    self.name, self.total, self.units = name, float(total), 0.0
     self.start = time.perf_counter()
 
   def done(self, stage: str, units: float, worked: bool = True) -> None:
     """Count `units` of work done by `stage`; `worked=False` (its product existed) counts it as free."""
-    self.units += units
-    self.stages += 1
-    if not worked:
+    if worked:
+      self.units += units
+    else:
       self.total -= units
-      self.units -= units
     elapsed = time.perf_counter() - self.start
     left = self.total - self.units
     eta = elapsed / self.units * left if self.units > 0 else float("nan")

@@ -28,7 +28,7 @@ import seqio
 import tensorflow as tf
 
 from moe_jax.data.vocab import run_vocabulary
-from tasks.synthetic import LETTERS, SPLIT_SIZES, Skill, register_skills
+from tasks.synthetic import LETTERS, Skill, register_skills
 
 PREFIX = "demo"
 POSITIVE = ("great", "superb", "lovely", "tasty", "friendly", "fresh")
@@ -186,7 +186,6 @@ EVAL_TASKS = (*EXPERT_TASKS, *HELDOUT_TEMPLATE_TASKS, *HELDOUT_TASKS)
 PRETRAIN_TASK = f"{PREFIX}_pretrain"
 MIXTURES = {f"{PREFIX}_heldin": EXPERT_TASKS, f"{PREFIX}_heldout_templates": HELDOUT_TEMPLATE_TASKS,
             f"{PREFIX}_heldout": HELDOUT_TASKS}
-HELDIN_MIXTURE = f"{PREFIX}_heldin"
 PRETRAIN_SIZES = {"train": 40_000, "validation": 1000}
 TARGET_CHARS = 15  # a prefix-LM target fits `FEATURE_LENGTHS['targets']` with its EOS
 

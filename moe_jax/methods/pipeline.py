@@ -32,12 +32,12 @@ from moe_jax.methods import average_activation, merged, retrieval
 from moe_jax.methods.concatenate import concatenate
 from moe_jax.data import vocab
 from moe_jax.methods.routing import (comparison_markdown, diagnostics_markdown, router_agreement,
-                                    routing_diagnostics, routing_shares)
+                                    routing_diagnostics, routing_shares, skill_of)
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.routers import Fixed, Phatgoose, Uniform
 from moe_jax.models.t5 import Transformer
-from moe_jax.plots import plot_routing, plot_routing_diagnostics
+from moe_jax.plots import plot_routing, plot_routing_diagnostics, task_label
 from moe_jax.progress import JobProgress
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import loop
@@ -57,10 +57,6 @@ class Method:
   model: Transformer
   params: Any
   routing_ids_fn: Callable[[str, Sequence[dict]], Sequence[int]] | None = None
-
-
-def skill_of(task: str) -> str:
-  return task.removesuffix("_heldout")
 
 
 @gin.configurable(denylist=["gin_config_str"])
@@ -94,6 +90,7 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
   """
   from tasks import common as task_common, demo, synthetic  # pylint: disable=g-import-not-at-top
 
+  expert_tasks = list(expert_tasks or demo.EXPERT_TASKS)
   if seeds:
     arguments = {k: v for k, v in locals().items() if k in _PIPELINE_ARGUMENTS}
     for s in seeds:
@@ -103,7 +100,6 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
   if unknown:
     raise ConfigError(f"phatgoose_pipeline.methods: unknown {unknown}; expected some of {METHODS}")
   config = model_config or T5Config()
-  expert_tasks = list(expert_tasks or demo.EXPERT_TASKS)
   eval_tasks = list(eval_tasks or (demo.EVAL_TASKS if expert_tasks == list(demo.EXPERT_TASKS) else expert_tasks))
   lengths = dict(feature_lengths or synthetic.FEATURE_LENGTHS)
   common = dict(model_config=config, feature_lengths=lengths)
@@ -172,11 +168,9 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
 _PIPELINE_ARGUMENTS = tuple(inspect.signature(phatgoose_pipeline).parameters)
 
 
-def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequence[str] | None) -> str:
+def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequence[str]) -> str:
   """results.md/json under `run_dir` from the runs in `seed_dirs`: each score's mean over them, then a table of
   its spread (sample standard deviation over the seeds, in points); returns the results.md path."""
-  from tasks import demo  # pylint: disable=g-import-not-at-top
-
   runs = [json.loads(fs.read_text(fs.join(d, "results.json"))) for d in seed_dirs]
   tables = [run["tasks"] for run in runs]
   tasks = list(tables[0][next(iter(tables[0]))])
@@ -188,7 +182,7 @@ def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequ
   appendix = (f"## Spread over {len(seed_dirs)} seeds\n\nThe table above holds each score's mean over the runs "
               f"{', '.join(fs.basename(d) for d in seed_dirs)}; this one its sample standard deviation (points; the "
               "mean columns: of the runs' means).\n\n" + _markdown_table(spread, columns, columns[len(tasks):]))
-  return write_table(mean, tasks, run_dir, list(expert_tasks or demo.EXPERT_TASKS), appendix)
+  return write_table(mean, tasks, run_dir, expert_tasks, appendix)
 
 
 def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
@@ -329,7 +323,7 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe_file: str,
     np.savez(arrays, tasks=np.array(eval_tasks), experts=np.array(expert_tasks),
              **{k.replace("/", "."): v for k, v in shares.items()})
     fs.write_bytes(fs.join(run_dir, "routing.npz"), arrays.getvalue())
-    plot_routing(shares, list(eval_tasks), [t.removeprefix("synthetic_").removeprefix("demo_") for t in expert_tasks],
+    plot_routing(shares, list(eval_tasks), [task_label(t) for t in expert_tasks],
                  fs.join(run_dir, "routing.png"))
   return path
 
@@ -359,9 +353,8 @@ def _summary(table: Mapping[str, Mapping[str, float]], groups: Sequence[tuple[st
 
 
 def _markdown_table(table: Mapping[str, Mapping[str, float]], columns: Sequence[str], bold: Sequence[str]) -> str:
-  short = lambda t: t.removeprefix("synthetic_").removeprefix("demo_")
   cell = lambda v, column: "n/a" if np.isnan(v) else (f"**{v:.1f}**" if column in bold else f"{v:.1f}")
-  rows = ["| " + " | ".join(["method", *map(short, columns)]) + " |", "|" + "---|" * (len(columns) + 1)]
+  rows = ["| " + " | ".join(["method", *map(task_label, columns)]) + " |", "|" + "---|" * (len(columns) + 1)]
   rows += ["| " + " | ".join([m, *(cell(scores[c], c) for c in columns)]) + " |" for m, scores in table.items()]
   return "\n".join(rows) + "\n"
 

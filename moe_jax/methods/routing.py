@@ -28,6 +28,7 @@ from moe_jax.methods.average_activation import reads_encoder_positions
 from moe_jax.models.lora import Linear, has_experts, module_path
 from moe_jax.models.routers import Uniform
 from moe_jax.models.t5 import Transformer
+from moe_jax.plots import task_label
 from moe_jax.training import partitioning as part
 
 _COLLECTION = "routing_counts"
@@ -143,7 +144,7 @@ def diagnostics_markdown(diagnostics: Diagnostics, table: Mapping[str, Mapping[s
             f"entropy (bits, max {max_entropy:.2f})", *(["oracle gap (points)"] if gap else [])]
   rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for task in tasks:
-    cells = [task.removeprefix("synthetic_"),
+    cells = [task_label(task),
              *(_cell(100 * summary[side]["own_share"][task], ".1f") for side in ("encoder", "decoder", "all")),
              _cell(summary["all"]["entropy"][task], ".2f")]
     if gap:
@@ -157,9 +158,14 @@ def diagnostics_markdown(diagnostics: Diagnostics, table: Mapping[str, Mapping[s
           f"{100 * diagnostics['chance_share']:.1f}%; maximum entropy log2(E) = {max_entropy:.2f} bits.\n")
 
 
+def skill_of(task: str) -> str:
+  """The skill (expert task) a task belongs to: a `_heldout` template's is the task it rewords."""
+  return task.removesuffix("_heldout")
+
+
 def _skill_expert(task: str, expert_tasks: list[str]) -> int | None:
-  """The expert of the task's skill (`pipeline.skill_of`), None for a skill without an expert."""
-  skill = task.removesuffix("_heldout")
+  """The expert of the task's skill, None for a skill without an expert."""
+  skill = skill_of(task)
   return expert_tasks.index(skill) if skill in expert_tasks else None
 
 
@@ -201,6 +207,6 @@ def comparison_markdown(names: Sequence[str], diagnostics: Sequence[Diagnostics]
         _cell(100 * _mean([d["summary"][s]["own_share"][t] for t in heldin]), ".1f") for s in sides) + " |")
   correlation = {s: _mean([float(np.mean(v)) for p, v in agreement.items()
                            if s == "all" or (s == "encoder") == reads_encoder_positions(p)]) for s in sides}
-  return (f"## Routers compared on the held-in tasks\n\n" + "\n".join(rows) + "\n\nMean correlation of each "
+  return ("## Routers compared on the held-in tasks\n\n" + "\n".join(rows) + "\n\nMean correlation of each "
           f"expert's {names[0]} router vector with its {names[1]} vector: " + ", ".join(
               f"{s} {_cell(correlation[s], '.2f')}" for s in sides) + ".\n")
