@@ -87,7 +87,7 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
   return T5Config(**(fields | overrides))
 
 
-def _name_map(cfg: T5Config) -> dict[tuple[str, ...], tuple[str, bool]]:
+def name_map(cfg: T5Config) -> dict[tuple[str, ...], tuple[str, bool]]:
   """Our parameter path -> (HF tensor name, whether to transpose), in model order (so "first" reads naturally)."""
   mlp = ("wi_0", "wi_1", "wo") if cfg.feed_forward == "gated-gelu" else ("wi", "wo")
   attn = {"query": "q", "key": "k", "value": "v", "out": "o"}
@@ -122,7 +122,7 @@ def _name_map(cfg: T5Config) -> dict[tuple[str, ...], tuple[str, bool]]:
   return names
 
 
-def _expected_shapes(cfg: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+def expected_shapes(cfg: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Leaf shapes of `Transformer(cfg).init` (abstractly evaluated; the XLA attention path traces anywhere)."""
   tokens = np.ones((1, 1), np.int32)
   init = lambda: Transformer(dataclasses.replace(cfg, attention_impl="xla", remat=False)).init(
@@ -169,8 +169,8 @@ def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
       raise MissingFileError(f"no {CONFIG_FILE} in {path}: pass `config=` to load_hf_t5")
     config = config_from_hf(path)
   dtype = np.dtype(params_dtype if params_dtype is not None else config.param_dtype)
-  names = _name_map(config)
-  expected = _expected_shapes(config)
+  names = name_map(config)
+  expected = expected_shapes(config)
   if set(names) != set(expected):
     raise ValueError(f"internal: HF name map and model parameters differ: {sorted(set(names) ^ set(expected))}")
 
