@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from moe_jax import fs
 from moe_jax.checkpoints.hf import CONFIG_FILE, load_hf_t5
 from moe_jax.checkpoints.identity import weights_checksum
+from moe_jax.checkpoints.t5x import is_t5x_checkpoint, load_t5x
 from moe_jax.data import vocab
 from moe_jax.errors import MismatchError, MissingFileError
 from moe_jax.models.config import T5Config
@@ -67,14 +68,18 @@ def load_backbone(init_from: str | None, config: T5Config, shardings: Any, seed:
     spec = vocab.for_backbone(None, "a randomly initialised backbone", config.vocab_size, config.name)
     return Backbone(params, weights_checksum(params), f"random(seed={seed})", spec, config)
   if not fs.exists(init_from):
-    raise MissingFileError(f"init_from={init_from!r} does not exist (expected a Hugging Face T5 directory or the "
-                           "model_dir of a multitask run)")
+    raise MissingFileError(f"init_from={init_from!r} does not exist (expected a Hugging Face T5 directory, a T5X "
+                           "checkpoint_<step> directory or the model_dir of a multitask run)")
   if fs.isfile(fs.join(init_from, CONFIG_FILE)):
     if fs.is_url(init_from):
       raise MissingFileError(f"init_from={init_from!r}: Hugging Face directories are read from local disk; copy "
                              "it to the machine (e.g. gsutil -m cp -r) and point init_from there")
     params = jax.device_put(load_hf_t5(init_from, config), shardings)
     spec = vocab.for_backbone(vocab.hf_vocabulary(init_from), init_from, config.vocab_size, config.name)
+    return Backbone(params, weights_checksum(params), init_from, spec, config)
+  if is_t5x_checkpoint(init_from):  # a T5X checkpoint_<step>/ carries no vocabulary: the gin binding's
+    params = jax.device_put(load_t5x(init_from, config), shardings)
+    spec = vocab.for_backbone(None, init_from, config.vocab_size, config.name)
     return Backbone(params, weights_checksum(params), init_from, spec, config)
   directory = fs.join(init_from, BACKBONE_DIR) if fs.isdir(fs.join(init_from, BACKBONE_DIR)) else init_from
   params, metadata = restore_backbone(directory, config, shardings)
