@@ -27,6 +27,11 @@ setup(
         # One path layer for run dirs, products, metrics and the data root: local, gs:// (with the `gcs` extra),
         # memory:// (tests), any fsspec filesystem.
         "fsspec>=2024.6",
+        # The expert library's hf:// backend and the Hub errors it reports (also what transformers uses).
+        "huggingface_hub>=0.24",
+        # T5X checkpoints: zarr arrays (tensorstore, also orbax's) and the msgpack state dict (flax's msgpack).
+        "tensorstore>=0.1.60",
+        "msgpack>=1.0",
     ],
     extras_require={
         # The seqio data layer and t5's metric functions. t5 0.9.4 also pulls seqio-nightly and tfds-nightly, which

@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent("""
 
     sys.meta_path.insert(0, Block())
     import jax, jax.numpy as jnp, numpy as np
-    import moe_jax.models, moe_jax.checkpoints.hf, moe_jax.evaluation.scoring
+    import moe_jax.models, moe_jax.checkpoints.hf, moe_jax.checkpoints.peft, moe_jax.evaluation.scoring
+    import moe_jax.library.__main__, moe_jax.library.interop
     from moe_jax.models import ExpertConfig, Phatgoose, T5Config, Transformer
     from moe_jax.models import experts as ex
     from moe_jax.training import checkpointing, optimizer, partitioning, train_step
@@ -34,6 +35,10 @@ SCRIPT = textwrap.dedent("""
              "decoder_target_tokens": np.ones((2, 3), np.int32), "decoder_loss_weights": np.ones((2, 3), np.int32)}
     state, metrics = step(state, partitioning.shard_batch(batch, mesh, rules))
     assert np.isfinite(float(metrics["loss"]))
+    from moe_jax.library import ExpertInfo, ExpertLibrary, make_expert  # the library stores and stacks experts
+    library = ExpertLibrary("virtual://no-tensorflow")
+    library.add(make_expert(ExpertInfo("a"), ex.split(params)[1]))
+    assert library.stack(["a"])[1]["num_experts"] == 1
     assert not any(m.split(".")[0] in ("tensorflow", "seqio") for m in sys.modules)
     print("ok")
 """)
