@@ -21,18 +21,22 @@ TINY = T5Config(vocab_size=264, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_e
                 num_decoder_layers=1, dtype="float32", name="tiny_pipeline")
 
 
-def test_every_method_runs_end_to_end(tmp_path):
+def _run_pipeline(run_dir):
   gin.clear_config()
   gin.bind_parameter("train.batch_size", 8)
   try:
-    results = pipeline.phatgoose_pipeline(
-        run_dir=str(tmp_path), expert_tasks=["synthetic_reverse", "synthetic_sort"],
+    return pipeline.phatgoose_pipeline(
+        run_dir=str(run_dir), expert_tasks=["synthetic_reverse", "synthetic_sort"],
         eval_tasks=["synthetic_sort", "synthetic_reverse_heldout"], pretrain_mixture="demo_pretrain",
         pretrain_steps=3, multitask_steps=3, expert_steps=3, gate_steps=2,
         max_eval_examples=8, activation_examples=8, retrieval_examples=8, eval_batch_size=8, model_config=TINY,
         experts=ExpertConfig(rank=4), top_k=1)
   finally:
     gin.clear_config()
+
+
+def test_every_method_runs_end_to_end(tmp_path):
+  results = _run_pipeline(tmp_path)
   assert results == os.path.join(tmp_path, "results.md")
   table = json.load(open(tmp_path / "results.json"))["tasks"]
   assert sorted(table) == sorted(pipeline.METHODS)
@@ -46,6 +50,33 @@ def test_every_method_runs_end_to_end(tmp_path):
   assert "| phatgoose |" in text and "mean held-out" in text and "Routers compared on the held-in tasks" in text
   assert os.path.getsize(tmp_path / "routing.png") > 10_000
   _uniform_equals_merged(str(tmp_path))
+  _experts_live_in_the_library(tmp_path)
+
+
+def _experts_live_in_the_library(run_dir):
+  """The gated experts went into the run's library with their backbone and settings, the methods' auxiliary data
+  beside them; a rerun on that library trains no expert again and reads the auxiliary data back."""
+  import shutil
+
+  from moe_jax.library import ExpertLibrary
+
+  library = ExpertLibrary(str(run_dir / "library"), read_only=True)
+  assert library.names() == ["synthetic_reverse", "synthetic_sort"]
+  gate, metadata = ckpt.load_experts(str(run_dir / "gates" / "synthetic_sort" / ckpt.EXPERT_FILE))
+  expert = library.get("synthetic_sort")
+  flat = lambda tree: {k: np.asarray(v) for k, v in __import__("flax").traverse_util.flatten_dict(tree).items()}
+  assert all(np.array_equal(v, flat(gate)[k]) for k, v in flat(expert.weights).items())
+  assert expert.info.backbone == metadata["backbone"] and expert.info.rank == 4
+  assert expert.info.config["gate"]["total_steps"] == 2 and expert.info.config["expert"]["total_steps"] == 3
+  aux = {e["method"] for e in library.auxiliary_entries("synthetic_sort")}
+  assert aux == {"average_activation", "retrieval_embeddings"}
+  before = json.load(open(run_dir / "results.json"))
+  for folder in ("experts", "gates"):
+    shutil.rmtree(run_dir / folder)
+  os.remove(run_dir / "results.json")
+  _run_pipeline(run_dir)
+  assert not (run_dir / "experts").exists() and not (run_dir / "gates").exists()  # nothing retrained
+  assert json.load(open(run_dir / "results.json")) == before
 
 
 def _uniform_equals_merged(run_dir):

@@ -233,6 +233,28 @@ def test_evaluate_stacked_experts(backbone_dir, tmp_path):
     np.testing.assert_allclose(s["scores"], a["scores"], rtol=1e-6)
   assert os.path.isfile(tmp_path / "stacked" / "results.md")
 
+  # The same experts from an expert library: evaluation and concatenation by names or by tag
+  from moe_jax.library import ExpertInfo, ExpertLibrary, make_expert
+  from moe_jax.methods.concatenate import concatenate
+
+  library = ExpertLibrary(f"local://{tmp_path}/library")
+  for name, path, tags in (("b/second", second, ["kept"]), ("a/first", first, ["kept"]), ("stray", stray, [])):
+    tree, meta = ckpt.load_experts(ckpt.expert_file(path))
+    library.add(make_expert(ExpertInfo(name, backbone=meta["backbone"], tags=tags), tree))
+  metrics = runner.evaluate(output_dir=str(tmp_path / "from_library"), tasks=["synthetic_reverse"],
+                            model_config=TINY, experts=ExpertConfig(router=Fixed(expert=1)),
+                            init_from=str(backbone_dir), library=library.uri, library_experts=["a/first", "b/second"],
+                            feature_lengths=LENGTHS, max_examples=6, batch_size=4)
+  assert metrics == stacked
+  with pytest.raises(ValueError, match="one MoE holds one backbone.s experts"):  # every expert: stray too
+    runner.evaluate(output_dir=str(tmp_path / "all"), tasks=["synthetic_reverse"], model_config=TINY,
+                    init_from=str(backbone_dir), library=library.uri, feature_lengths=LENGTHS, max_examples=2)
+  by_tag, _ = ckpt.load_experts(concatenate(output=str(tmp_path / "tagged.safetensors"), library=library.uri,
+                                            tags=["kept"]))
+  by_files, _ = ckpt.load_experts(concatenate([first, second], str(tmp_path / "files.safetensors")))
+  flat = lambda tree: {k: np.asarray(v) for k, v in __import__("flax").traverse_util.flatten_dict(tree).items()}
+  assert all(np.array_equal(v, flat(by_files)[k]) for k, v in flat(by_tag).items())  # sorted names: first, second
+
 
 def test_validation_keeps_the_best_expert(backbone_dir, tmp_path):
   """validate_every: the product is the expert with the lowest validation loss of those logged, its loss recomputed

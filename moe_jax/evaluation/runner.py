@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from moe_jax import fs
 from moe_jax.data import vocab
+from moe_jax.errors import ConfigError
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.t5 import Transformer
@@ -39,20 +40,31 @@ def load_expert_stack(paths: Sequence[str], config: T5Config,
 @gin.configurable(denylist=["gin_config_str"])
 def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED, split: str = "validation",
              model_config: T5Config | None = None, experts: ExpertConfig | None = None, init_from: str | None = None,
-             expert_from: Sequence[str] = (), batch_size: int = 32, feature_lengths: Mapping[str, int] | None = None,
-             mode: str = "auto", length_normalize: bool = True, max_examples: int | None = None,
+             expert_from: Sequence[str] = (), library: str | None = None,
+             library_experts: Sequence[str] | None = None, library_tags: Sequence[str] | None = None,
+             batch_size: int = 32, feature_lengths: Mapping[str, int] | None = None, mode: str = "auto",
+             length_normalize: bool = True, max_examples: int | None = None,
              gin_config_str: str = "") -> dict[str, dict[str, float]]:
-  """Evaluate the backbone from `init_from`, with the experts of `expert_from` (expert or concatenated MoE files)
-  stacked in order and routed by `experts.router` when given, on every task of `tasks` (mixtures expand to their
-  tasks)."""
+  """Evaluate the backbone from `init_from`, with experts routed by `experts.router`, on every task of `tasks`
+  (mixtures expand to their tasks). The experts: those of `expert_from` (expert or concatenated MoE files) stacked
+  in order, or those of the expert library at `library` (a URI): `library_experts` in that order, else all of
+  them, keeping those tagged with every one of `library_tags`."""
   config = model_config or T5Config()
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone_shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
   backbone = load_backbone(init_from, config, backbone_shardings, seed=0)
   params = backbone.params
   layout = None
-  if expert_from:  # the layout (modules, rank, count) comes from the files, not from gin
+  if expert_from and library:
+    raise ConfigError("evaluate: give expert_from (expert files) or library (an expert library), not both")
+  if library:
+    from moe_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+    chosen = ExpertLibrary(library, read_only=True)
+    stacked, metadata = chosen.stack(chosen.select(library_experts, library_tags))
+    check_same(metadata.get("backbone"), backbone, f"the experts of {library}")
+  elif expert_from:
     stacked, _ = load_expert_stack(expert_from, config, backbone)
+  if expert_from or library:  # the layout (modules, rank, count) comes from the experts, not from gin
     modules, num_experts, rank = ex.layout(stacked)
     layout = ex.layout_config(modules, num_experts, rank, experts)
     params = ex.merge(params, stacked)

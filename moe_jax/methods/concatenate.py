@@ -65,11 +65,22 @@ def _check_same(reference: tuple[str, dict[str, Any], Any], candidate: tuple[str
 
 
 @gin.configurable
-def concatenate(expert_files: Sequence[str] = gin.REQUIRED, output: str = gin.REQUIRED,
-                append_to: str | None = None) -> str:
+def concatenate(expert_files: Sequence[str] | None = None, output: str = gin.REQUIRED, append_to: str | None = None,
+                library: str | None = None, names: Sequence[str] | None = None,
+                tags: Sequence[str] | None = None) -> str:
   """Stack the experts of `expert_files` (files or run dirs) in order into one MoE file at `output`; with
   `append_to`, that MoE file's experts come first, unchanged. Returns `output`. The write is atomic, so `output`
-  may equal `append_to`. Raises MismatchError for mismatched files or a task that would appear twice."""
+  may equal `append_to`. Raises MismatchError for mismatched files or a task that would appear twice.
+
+  Or stack experts of the expert library at `library` (a URI): `names` in that order, else every expert in it,
+  keeping those tagged with every one of `tags`."""
+  if library is not None:
+    if expert_files or append_to:
+      raise ConfigError("concatenate: give library (an expert library) or expert_files/append_to, not both")
+    from moe_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+    chosen = ExpertLibrary(library, read_only=True)
+    ckpt.save_experts(output, *chosen.stack(chosen.select(names, tags)))
+    return output
   if isinstance(expert_files, str):
     expert_files = [expert_files]
   if not expert_files:

@@ -13,24 +13,28 @@ an interrupted pipeline picks up where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from moe_jax import fs
+from moe_jax.checkpoints import identity
 from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.evaluation.scoring import batch_rows, pad_tokens
 from moe_jax.methods import average_activation, merged, retrieval
-from moe_jax.methods.concatenate import concatenate
 from moe_jax.data import vocab
+from moe_jax.library import Expert, ExpertInfo, ExpertLibrary, make_expert
 from moe_jax.methods.routing import (comparison_markdown, diagnostics_markdown, router_agreement,
                                     routing_diagnostics, routing_shares, skill_of)
 from moe_jax.models import experts as ex
@@ -69,8 +73,13 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
                        retrieval_examples: int = 1000, eval_batch_size: int = 32,
                        feature_lengths: Mapping[str, int] | None = None, model_config: T5Config | None = None,
                        experts: ExpertConfig | None = None, seeds: Sequence[int] | None = None,
-                       seed: int | None = None, gin_config_str: str = "") -> str:
+                       seed: int | None = None, library: str | None = None, gin_config_str: str = "") -> str:
   """Run every stage under `run_dir` and return the path of `results.md`.
+
+  Every gated expert goes into the expert library at `library` (a URI, `moe_jax.library`; default:
+  `run_dir/library`) under its task's name, and the methods are evaluated on the experts read back from there.
+  An expert the library already holds with the same identity (backbone, vocabulary, layout and both stages'
+  settings) is not trained again: point several runs at one library to share their experts.
 
   `seed` seeds every stage (initialisation and data order; default: `train.seed`). `seeds` runs the whole pipeline
   once per seed, under `run_dir/seed_<s>`, and writes `run_dir/results.md` with each score's mean over the seeds
@@ -94,7 +103,9 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
   if seeds:
     arguments = {k: v for k, v in locals().items() if k in _PIPELINE_ARGUMENTS}
     for s in seeds:
-      phatgoose_pipeline(**{**arguments, "run_dir": fs.join(run_dir, f"seed_{s}"), "seeds": None, "seed": s})
+      seed_dir = fs.join(run_dir, f"seed_{s}")
+      phatgoose_pipeline(**{**arguments, "run_dir": seed_dir, "seeds": None, "seed": s,
+                            "library": None if library is None else f"{library.rstrip('/')}/seed_{s}"})
     return write_seed_tables(run_dir, [fs.join(run_dir, f"seed_{s}") for s in seeds], expert_tasks)
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
@@ -145,27 +156,72 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone = loop.load_backbone(backbone_dir, config, part.logical_shardings(
       part.abstract_params(Transformer(config)), mesh, rules), seed=0)  # once, for every stage below
-  gate_files = []
+  expert_library = ExpertLibrary(library or fs.join(run_dir, "library"))
   for task in expert_tasks:
+    identity_hash = expert_identity(backbone, task, config, experts, expert_steps, gate_steps, lengths, seed)
+    if _in_library(expert_library, task, identity_hash):
+      progress.done(f"expert and gate {task} (in {expert_library.uri})", expert_steps + gate_steps, worked=False)
+      continue
     expert_dir = fs.join(run_dir, "experts", task)
     stage(f"expert {task}", expert_dir, "expert", expert_steps, mixture_or_task_name=task, init_from=backbone_dir,
           experts=experts, backbone=backbone, **common)
-    gate_files.append(stage(f"gate {task}", fs.join(run_dir, "gates", task), "gate", gate_steps,
-                            mixture_or_task_name=task, init_from=backbone_dir, expert_from=expert_dir,
-                            experts=experts, backbone=backbone, **common))
+    gate_file = stage(f"gate {task}", fs.join(run_dir, "gates", task), "gate", gate_steps, mixture_or_task_name=task,
+                      init_from=backbone_dir, expert_from=expert_dir, experts=experts, backbone=backbone, **common)
+    if jax.process_index() == 0:
+      expert_library.add(library_expert(task, expert_dir, gate_file, identity_hash, gin_config_str))
+  _sync(f"library {expert_library.uri}")
 
-  moe_file = fs.join(run_dir, "moe.safetensors")
-  if not fs.exists(moe_file):
-    concatenate(gate_files, moe_file)
+  moe_file = fs.join(run_dir, "moe.safetensors")  # the evaluated experts as one file, for moe_jax.evaluate
+  moe_tree, moe_metadata = expert_library.stack(expert_tasks)
+  if jax.process_index() == 0:
+    ckpt.save_experts(moe_file, moe_tree, moe_metadata)
   with vocab.using(backbone.vocabulary):
-    results = evaluate_methods(run_dir, config, backbone, moe_file, expert_tasks, eval_tasks, methods, top_k,
-                               experts, eval_split, max_eval_examples, activation_examples, retrieval_examples,
-                               eval_batch_size, lengths, multitask_from)
+    results = evaluate_methods(run_dir, config, backbone, (moe_tree, moe_metadata), expert_tasks, eval_tasks,
+                               methods, top_k, experts, eval_split, max_eval_examples, activation_examples,
+                               retrieval_examples, eval_batch_size, lengths, multitask_from, expert_library)
   progress.done("evaluation", eval_units)
   return results
 
 
 _PIPELINE_ARGUMENTS = tuple(inspect.signature(phatgoose_pipeline).parameters)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:  # process 0 wrote; the others read next
+    multihost_utils.sync_global_devices(name)
+
+
+def expert_identity(backbone: Any, task: str, config: T5Config, experts: ExpertConfig | None, expert_steps: int,
+                    gate_steps: int, lengths: Mapping[str, int], seed: int | None) -> str:
+  """A hash of what decides a task's gated expert: the backbone's weights and vocabulary and the expert and gate
+  stages' records (`loop.planned_record`), known before either stage runs."""
+  plan = lambda stage, steps: loop.planned_record(stage, task, config, experts, steps, lengths, seed)
+  return identity.config_hash({"backbone": backbone.weights, "vocabulary": backbone.vocabulary.record(),
+                               "expert": plan("expert", expert_steps), "gate": plan("gate", gate_steps)})
+
+
+def _in_library(expert_library: ExpertLibrary, task: str, identity_hash: str) -> bool:
+  """Whether the library holds this task's expert as this run would make it; MismatchError if it holds another."""
+  if task not in expert_library:
+    return False
+  found = expert_library.info(task).identity
+  if found != identity_hash:
+    raise MismatchError(f"library {expert_library.uri} already holds an expert {task!r} made another way (identity "
+                        f"{found}, this run's {identity_hash}: other backbone or settings); remove it "
+                        f"(python -m moe_jax.library remove {expert_library.uri} {task}) or give another LIBRARY")
+  return True
+
+
+def library_expert(task: str, expert_dir: str, gate_file: str, identity_hash: str, gin_config_str: str) -> Expert:
+  """A gate stage's product (LoRA and trained gate vector) as a library expert named after its task, with both
+  stages' records as its config."""
+  weights, metadata = ckpt.load_experts(gate_file)
+  expert_stage = ckpt.read_expert_metadata(ckpt.expert_file(expert_dir))
+  info = ExpertInfo(name=task, tasks=[task], backbone=metadata.get("backbone"),
+                    config={"expert": expert_stage.get("config"), "gate": metadata.get("config")},
+                    gin_config=gin_config_str or None, identity=identity_hash, source=fs.absolute(gate_file),
+                    tags=["phatgoose", "gated"])
+  return make_expert(info, weights)
 
 
 def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequence[str]) -> str:
@@ -187,10 +243,14 @@ def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequ
 
 def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
                   top_k: int, experts: ExpertConfig | None, activation_examples: int, retrieval_examples: int,
-                  lengths: Mapping[str, int], mesh: Mesh, rules: part.Rules, multitask: Any = None
-                  ) -> dict[str, Method]:
+                  lengths: Mapping[str, int], mesh: Mesh, rules: part.Rules, multitask: Any = None,
+                  expert_library: ExpertLibrary | None = None) -> dict[str, Method]:
   """The model/params/routing of each method on the same backbone and experts (`multitask`: the multitask
   method's parameters, if not the backbone's), run inside `partitioning.activate(mesh, rules)`.
+
+  With `expert_library` (holding expert i under the name `expert_tasks[i]`), each expert's average activations
+  and retrieval embeddings are auxiliary data: read from the library when it has them for these settings,
+  computed and stored otherwise.
 
   Every method's parameters are placed once, as the rules shard its model (`partitioning.place`): the MoE tree
   (host NumPy from the file) goes onto the mesh before anything is built from it, so merges, Average Activation
@@ -221,20 +281,39 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
     elif name == "phatgoose":
       built[name] = method(Transformer(config, layout(Phatgoose(k=top_k))), with_experts)
     elif name == "average_activation":  # unpacked examples: a packed row would mix tasks' positions in one mean
-      batches = [train_batches(task, lengths, batch_rows(32), seed=0, pack=False) for task in expert_tasks]
-      routers = average_activation.average_activation_routers(config, backbone, moe_tree, batches,
-                                                              max_examples=activation_examples)
+      settings = {"max_examples": activation_examples, "feature_lengths": dict(lengths), "pack": False}
+
+      def activations(i: int, task: str) -> dict[str, np.ndarray]:
+        one = jax.tree.map(lambda x: x[i:i + 1], moe_tree)
+        batches = train_batches(task, lengths, batch_rows(32), seed=0, pack=False)
+        routers = average_activation.average_activations(config, backbone, one, batches, activation_examples)
+        return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(routers).items()}
+
+      per_expert = [_auxiliary(expert_library, task, "average_activation", {**settings, "task": task},
+                               functools.partial(activations, i, task)) for i, task in enumerate(expert_tasks)]
+      routers = flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
+                                                   for k in per_expert[0]})
       built[name] = method(Transformer(config, layout(Phatgoose(k=top_k))), ex.merge(with_experts, routers))
     elif name == "retrieval":
       embed = _fixed_shape(retrieval.encoder_mean_embedder(config, backbone), lengths["inputs"], batch_rows(32))
-      stored = [embed.tokens(mixture_examples(t, "train", lengths, retrieval_examples)) for t in expert_tasks]
-      index = retrieval.RetrievalIndex.build(embed, stored, max_per_expert=retrieval_examples)
+      settings = {"max_examples": retrieval_examples, "feature_lengths": dict(lengths),
+                  "embedder": "backbone encoder mean", "backbone": identity.weights_checksum(backbone)}
+      stored = [_auxiliary(expert_library, t, "retrieval_embeddings", {**settings, "task": t}, lambda t=t: {
+          "embeddings": embed(embed.tokens(mixture_examples(t, "train", lengths, retrieval_examples)))})["embeddings"]
+                for t in expert_tasks]
+      index = retrieval.RetrievalIndex.from_embeddings(embed, stored)
       route = lambda task, examples: index.route_tokens(embed.tokens(examples))
       built[name] = method(Transformer(config, layout(Fixed())), with_experts, route)
     elif name == "oracle":
       ids = lambda task, examples: [_oracle_expert(task, expert_tasks)] * len(examples)
       built[name] = method(Transformer(config, layout(Fixed())), with_experts, ids)
   return built
+
+
+def _auxiliary(expert_library: ExpertLibrary | None, name: str, method: str, params: Mapping[str, Any],
+               compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """The library's auxiliary data (`ExpertLibrary.auxiliary`), or just `compute()` without a library."""
+  return dict(compute()) if expert_library is None else expert_library.auxiliary(name, method, params, compute)
 
 
 class _fixed_shape:  # pylint: disable=invalid-name
@@ -259,21 +338,26 @@ def _oracle_expert(task: str, expert_tasks: Sequence[str]) -> int:
   return list(expert_tasks).index(skill_of(task))
 
 
-def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe_file: str, expert_tasks: Sequence[str],
-                     eval_tasks: Sequence[str], methods: Sequence[str], top_k: int, experts: ExpertConfig | None,
-                     split: str, max_examples: int | None, activation_examples: int, retrieval_examples: int,
-                     batch_size: int, lengths: Mapping[str, int], multitask_from: str | None = None) -> str:
-  """Evaluate every method on every task; write results.json, results.md and routing.png under `run_dir`."""
+def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any, dict[str, Any]],
+                     expert_tasks: Sequence[str], eval_tasks: Sequence[str], methods: Sequence[str], top_k: int,
+                     experts: ExpertConfig | None, split: str, max_examples: int | None, activation_examples: int,
+                     retrieval_examples: int, batch_size: int, lengths: Mapping[str, int],
+                     multitask_from: str | None = None, expert_library: ExpertLibrary | None = None) -> str:
+  """Evaluate every method on every task; write results.json, results.md and routing.png under `run_dir`.
+
+  `moe`: (host tree, metadata) of the experts, one per expert task in order (`ExpertLibrary.stack`); methods'
+  auxiliary data (average activations, retrieval embeddings) is read from and stored in `expert_library`."""
   from moe_jax.data.pipeline import expand_tasks  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation.evaluate import evaluate_task  # pylint: disable=g-import-not-at-top
 
   mesh, rules = part.make_mesh(), part.axis_rules()
   shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
-  moe_tree, metadata = ckpt.load_experts(moe_file, config)  # host NumPy: build_methods puts it on the mesh once
-  check_same(metadata.get("backbone"), loaded, f"MoE file {moe_file}")
+  moe_tree, metadata = moe  # host NumPy: build_methods puts it on the mesh once
+  where = "the experts" if expert_library is None else f"the experts of {expert_library.uri}"
+  check_same(metadata.get("backbone"), loaded, where)
   order = [e["task"] for e in metadata.get("experts", [])] or list(expert_tasks)
   if order != list(expert_tasks):
-    raise MismatchError(f"{moe_file} holds experts {order}, but the pipeline expects {list(expert_tasks)}")
+    raise MismatchError(f"{where} are {order}, but the pipeline expects {list(expert_tasks)}")
   multitask = None
   if multitask_from is not None:
     baseline = loop.load_backbone(multitask_from, config, shardings, seed=0)
@@ -284,7 +368,7 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe_file: str,
   table: dict[str, dict[str, float]] = {}
   with part.activate(mesh, rules):
     built = build_methods(methods, config, loaded.params, moe_tree, expert_tasks, top_k, experts,
-                          activation_examples, retrieval_examples, lengths, mesh, rules, multitask)
+                          activation_examples, retrieval_examples, lengths, mesh, rules, multitask, expert_library)
     bar = tqdm(total=len(built) * len(eval_tasks), desc="evaluate methods", unit="task",
                disable=jax.process_index() != 0)
     for name, method in built.items():

@@ -58,20 +58,28 @@ class RetrievalIndex:
             max_per_expert: int = 1000) -> RetrievalIndex:
     """Embed up to `max_per_expert` inputs of each expert. `per_expert_inputs[i]`: expert i's token batches (an
     iterable of [B, L] arrays, or one [n, L] array)."""
-    rows, ids = [], []
-    for expert, inputs in enumerate(per_expert_inputs):
+    per_expert = []
+    for inputs in per_expert_inputs:
       batches = [inputs] if isinstance(inputs, np.ndarray) else inputs
-      kept = 0
+      rows, kept = [], 0
       for tokens in batches:
         if kept >= max_per_expert:
           break
         tokens = np.asarray(tokens)[:max_per_expert - kept]
-        rows.append(_unit(embed_fn(tokens)))
+        rows.append(np.asarray(embed_fn(tokens), np.float32))
         kept += len(tokens)
-      if kept == 0:
-        raise ValueError(f"RetrievalIndex.build: expert {expert} has no inputs")
-      ids.append(np.full((kept,), expert, np.int32))
-    return cls(embed_fn, np.concatenate(rows), np.concatenate(ids), len(per_expert_inputs))
+      per_expert.append(np.concatenate(rows) if rows else np.zeros((0, 1), np.float32))
+    return cls.from_embeddings(embed_fn, per_expert)
+
+  @classmethod
+  def from_embeddings(cls, embed_fn: EmbedFn, per_expert: Sequence[np.ndarray]) -> RetrievalIndex:
+    """An index of already embedded inputs (`per_expert[i]`: expert i's [n_i, D] embeddings, e.g. stored in an
+    expert library)."""
+    empty = [i for i, e in enumerate(per_expert) if len(e) == 0]
+    if empty:
+      raise ValueError(f"RetrievalIndex.from_embeddings: expert {empty[0]} has no inputs")
+    ids = [np.full((len(e),), i, np.int32) for i, e in enumerate(per_expert)]
+    return cls(embed_fn, np.concatenate([_unit(e) for e in per_expert]), np.concatenate(ids), len(per_expert))
 
   def similarities(self, embeddings: np.ndarray) -> np.ndarray:
     """[Q, N]: per query, the highest cosine similarity to any stored input of each expert."""

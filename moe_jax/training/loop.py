@@ -112,6 +112,19 @@ def stage_record(stage: str, task: str, config: T5Config, layout: ExpertConfig |
   })
 
 
+def planned_record(stage: str, task: str, config: T5Config, experts: ExpertConfig | None, total_steps: int,
+                   feature_lengths: Mapping[str, int], seed: int | None = None) -> dict[str, Any]:
+  """The `stage_record` that `train` will give a stage called with these arguments, the rest of its settings
+  (batch size, seed, validation) taken from gin as `train` takes them: known before the stage runs, so the
+  pipeline can tell whether a library already holds its product. A gate's parent expert is left out."""
+  settings = effective_settings(train)
+  validate_every = settings["validate_every"]
+  return stage_record(stage, task, config, stage_experts(stage, experts), total_steps=total_steps,
+                      batch_size=settings["batch_size"], feature_lengths=dict(sorted(feature_lengths.items())),
+                      seed=settings["seed"] if seed is None else seed, validate_every=validate_every,
+                      validation_batches=settings["validation_batches"] if validate_every else None, expert=None)
+
+
 def _product_record(product: str, stage: str) -> dict[str, Any]:
   """The record an existing product was made with (see `stage_record`), in the form `_expected_record` gives."""
   found = read_backbone_metadata(product) if stage == "multitask" else ckpt.read_expert_metadata(product)
