@@ -317,3 +317,24 @@ def test_command_line(tmp_path):
   assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "has no expert 'nope'" in missing.stderr
   bad = _cli("rename", uri, "s2", "a b")
   assert bad.returncode == 1 and "expert name 'a b'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_unreachable_hub_is_one_line_that_names_the_library_not_the_token():
+  secret = "hf_FAKEtoken0123456789SECRET"
+  done = _cli("list", "hf://user/lib", env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": secret})
+  assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+  assert "hf://user/lib" in done.stderr and "cannot reach the Hub" in done.stderr and secret not in done.stderr
+
+
+def test_a_failing_object_store_is_one_line_that_names_the_library(fake_gcs):
+  class Forbidden(FakeGCSFileSystem):
+    def cat_file(self, path, *args, **kwargs):
+      raise PermissionError(403, "Forbidden: caller does not have storage.objects.get access")
+
+  ExpertLibrary("gs://bucket/lib").add(expert("a"))
+  fsspec.register_implementation("gs", Forbidden, clobber=True)
+  try:
+    with pytest.raises(backends.StorageError, match=r"gs://bucket/lib: read library.json failed .*Forbidden"):
+      ExpertLibrary("gs://bucket/lib", read_only=True).get("a")
+  finally:
+    fsspec.register_implementation("gs", FakeGCSFileSystem, clobber=True)

@@ -61,51 +61,33 @@ class Store:
     yield
 
 
-class FsspecStore(Store):
-  """A local folder or any fsspec URL."""
+class LocalStore(Store):
+  """A folder on this machine: each file written to a unique temporary sibling, fsynced, renamed into place."""
 
   def __init__(self, uri: str, root: str):
-    self.uri = uri
-    self._local = "://" not in root
-    if self._local:
-      self._fs, self._root = None, os.path.abspath(root)
-    else:
-      self._fs, self._root = fsspec.core.url_to_fs(root)
+    self.uri, self._root = uri, os.path.abspath(root)
 
   def _path(self, path: str) -> str:
-    return os.path.join(self._root, *path.split("/")) if self._local else posixpath.join(self._root, path)
+    return os.path.join(self._root, *path.split("/"))
 
   def read(self, path: str) -> bytes:
-    full = self._path(path)
     try:
-      if self._local:
-        with open(full, "rb") as f:
-          return f.read()
-      return self._fs.cat_file(full)
+      with open(self._path(path), "rb") as f:
+        return f.read()
     except FileNotFoundError:
       raise MissingFileError(f"{self.uri}: no file {path}") from None
 
   def exists(self, path: str) -> bool:
-    full = self._path(path)
-    return os.path.exists(full) if self._local else self._fs.exists(full)
+    return os.path.exists(self._path(path))
 
   def list(self, folder: str) -> list[str]:
     full = self._path(folder)
-    if self._local:
-      return sorted(n for n in os.listdir(full) if ".tmp-" not in n) if os.path.isdir(full) else []
-    self._fs.invalidate_cache(full)  # another process may have added files since the last listing
-    if not self._fs.isdir(full):
-      return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in self._fs.ls(full, detail=False))
+    return sorted(n for n in os.listdir(full) if ".tmp-" not in n) if os.path.isdir(full) else []
 
   def write(self, path: str, data: bytes) -> None:
     full = self._path(path)
-    if not self._local:
-      self._fs.makedirs(posixpath.dirname(full), exist_ok=True)
-      self._fs.pipe_file(full, data)  # one object, visible once complete
-      return
     os.makedirs(os.path.dirname(full), exist_ok=True)
-    tmp = f"{full}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = f"{full}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # unique: concurrent writers never share one
     with open(tmp, "wb") as f:
       f.write(data)
       f.flush()
@@ -113,12 +95,75 @@ class FsspecStore(Store):
     os.replace(tmp, full)
 
   def delete(self, path: str) -> None:
+    if os.path.isfile(self._path(path)):
+      os.remove(self._path(path))
+
+
+class FsspecStore(Store):
+  """Any fsspec URL (gs:// through gcsfs, memory://): objects written whole, in one upload."""
+
+  def __init__(self, uri: str, root: str):
+    self.uri = uri
+    self._fs, self._root = self._remote("open", lambda: fsspec.core.url_to_fs(root))
+
+  def _remote(self, what: str, fn: Callable[[], Any]) -> Any:
+    """`fn()`, with a failure of the store (credentials, permissions, network) as one line naming the library."""
+    try:
+      return fn()
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  each filesystem has its own error types
+      if not (_is_network_error(e) or type(e).__module__.split(".")[0] in ("gcsfs", "google")):
+        raise
+      detail = " ".join(str(e).split())[:200]
+      raise StorageError(f"{self.uri}: {what} failed ({type(e).__name__}: {detail}); check the path and the "
+                         "credentials the filesystem finds (for gs://: GOOGLE_APPLICATION_CREDENTIALS or `gcloud "
+                         "auth application-default login`)") from None
+
+  def _path(self, path: str) -> str:
+    return posixpath.join(self._root, path)
+
+  def read(self, path: str) -> bytes:
+    try:
+      return self._remote(f"read {path}", lambda: self._fs.cat_file(self._path(path)))
+    except FileNotFoundError:
+      raise MissingFileError(f"{self.uri}: no file {path}") from None
+
+  def exists(self, path: str) -> bool:
+    return self._remote(f"look for {path}", lambda: self._fs.exists(self._path(path)))
+
+  def list(self, folder: str) -> list[str]:
+    full = self._path(folder)
+
+    def names() -> list[str]:
+      self._fs.invalidate_cache(full)  # another process may have added files since the last listing
+      if not self._fs.isdir(full):
+        return []
+      return sorted(posixpath.basename(p.rstrip("/")) for p in self._fs.ls(full, detail=False))
+
+    return self._remote(f"list {folder}", names)
+
+  def write(self, path: str, data: bytes) -> None:
     full = self._path(path)
-    if self._local:
-      if os.path.isfile(full):
-        os.remove(full)
-    elif self._fs.exists(full):
-      self._fs.rm(full)
+
+    def put() -> None:
+      self._fs.makedirs(posixpath.dirname(full), exist_ok=True)
+      self._fs.pipe_file(full, data)  # one object, visible once complete
+
+    self._remote(f"write {path}", put)
+
+  def delete(self, path: str) -> None:
+    full = self._path(path)
+    self._remote(f"delete {path}", lambda: self._fs.rm(full) if self._fs.exists(full) else None)
+
+
+_RAISE = object()
+
+
+def _is_network_error(error: Exception) -> bool:
+  """A failure to reach a server (offline, DNS, refused, timed out), from the OS or an HTTP client library."""
+  return isinstance(error, (OSError, TimeoutError)) or type(error).__module__.split(".")[0] in (
+      "httpx", "httpx2", "httpcore", "requests", "urllib3", "aiohttp")
 
 
 def default_hub_api() -> Any:
@@ -137,26 +182,30 @@ class HubStore(Store):
     self._message: list[str] = []
     self._files: set[str] | None = None  # the repository's listing, fetched once per batch
 
-  def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+  def _call(self, what: str, fn: Callable[[], Any], missing: Any = _RAISE) -> Any:
+    """`fn()`, its failures as one-line errors that name the repository and what failed, never the request (whose
+    headers carry the token); `missing` is returned instead when the repository or file does not exist."""
     from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
     try:
       return fn()
     except (errors.RepositoryNotFoundError, errors.EntryNotFoundError) as e:
+      if missing is not _RAISE:
+        return missing
       raise MissingFileError(f"{self.uri}: {what}: not found on the Hub ({type(e).__name__})") from None
-    except errors.HfHubHTTPError as e:  # the message would quote the request; say what failed and its status
+    except errors.HfHubHTTPError as e:
       status = getattr(getattr(e, "response", None), "status_code", "?")
       raise StorageError(f"{self.uri}: {what} failed (HTTP {status}); check the repository name and that HF_TOKEN "
                          "(or `hf auth login`) grants access") from None
+    except Exception as e:  # pylint: disable=broad-except  the HTTP library's own connection errors
+      if not _is_network_error(e):
+        raise
+      raise StorageError(f"{self.uri}: {what}: cannot reach the Hub ({type(e).__name__}); check the network, "
+                         "HF_ENDPOINT and HF_HUB_OFFLINE") from None
 
   def _listing(self) -> set[str]:
-    if self._files is None or self._pending is None:
-      from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
-      try:
-        self._files = set(self._api.list_repo_files(self.repo_id, repo_type="model"))
-      except errors.RepositoryNotFoundError:
-        self._files = set()  # a library that has no repository yet is empty; the first commit creates it
-      except errors.HfHubHTTPError:
-        self._call("list files", lambda: self._api.list_repo_files(self.repo_id, repo_type="model"))
+    if self._files is None or self._pending is None:  # outside a batch, always fresh: others may have committed
+      self._files = set(self._call("list files", lambda: self._api.list_repo_files(self.repo_id, repo_type="model"),
+                                   missing=[]))  # no repository yet: an empty library, which the first commit creates
     files = set(self._files)
     for path, data in (self._pending or {}).items():
       (files.add if data is not None else files.discard)(path)
@@ -220,7 +269,7 @@ def open_store(uri: str) -> Store:
   if not uri:
     raise ConfigError("library URI is empty: give local://PATH, virtual://NAME, gs://BUCKET/PATH or hf://USER/REPO")
   if uri.startswith("local://"):
-    return FsspecStore(uri, uri[len("local://"):])
+    return LocalStore(uri, uri[len("local://"):])
   if uri.startswith("virtual://"):
     return FsspecStore(uri, f"{VIRTUAL_ROOT}/{uri[len('virtual://'):].strip('/')}")
   if uri.startswith("hf://"):
@@ -229,7 +278,7 @@ def open_store(uri: str) -> Store:
       raise ConfigError(f"library URI {uri!r}: expected hf://USER/REPO (a Hub model repository)")
     return HubStore(uri, repo_id)
   if "://" not in uri:
-    return FsspecStore(uri, uri)
+    return LocalStore(uri, uri)
   protocol = uri.split("://", 1)[0]
   try:
     fsspec.get_filesystem_class(protocol)

@@ -105,7 +105,7 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
     for s in seeds:
       seed_dir = fs.join(run_dir, f"seed_{s}")
       phatgoose_pipeline(**{**arguments, "run_dir": seed_dir, "seeds": None, "seed": s,
-                            "library": None if library is None else f"{library.rstrip('/')}/seed_{s}"})
+                            "library": None if library is None else _seed_library(library, s)})
     return write_seed_tables(run_dir, [fs.join(run_dir, f"seed_{s}") for s in seeds], expert_tasks)
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
@@ -184,6 +184,12 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
 
 
 _PIPELINE_ARGUMENTS = tuple(inspect.signature(phatgoose_pipeline).parameters)
+
+
+def _seed_library(library: str, seed: int) -> str:
+  """Each seed's own library beside `library`: a sub-folder, or on the Hub a sibling repository."""
+  library = library.rstrip("/")
+  return f"{library}-seed_{seed}" if library.startswith("hf://") else f"{library}/seed_{seed}"
 
 
 def _sync(name: str) -> None:
