@@ -149,6 +149,39 @@ def _shard_files(path: Path) -> list[Path]:
                          "checkpoints are supported")
 
 
+def open_shards(stack: contextlib.ExitStack, shards: list[Path]) -> dict[str, Any]:
+  """Tensor name -> the open safetensors shard holding it (closed with `stack`)."""
+  source: dict[str, Any] = {}
+  for shard in shards:
+    handle = stack.enter_context(safe_open(str(shard), framework="np"))
+    source.update({name: handle for name in handle.keys()})
+  return source
+
+
+def stored_shape(source: dict[str, Any], name: str) -> tuple[int, ...]:
+  return tuple(source[name].get_slice(name).get_shape())
+
+
+def shape_mismatch(ours: tuple[str, ...], expected: tuple[int, ...], found: tuple[int, ...], name: str,
+                   stored: tuple[int, ...], model: str) -> MismatchError:
+  """The first-mismatch error every checkpoint loader raises."""
+  return MismatchError(f"parameter {'/'.join(ours)}: expected shape {expected} for {model}, found {found} (HF tensor "
+                       f"{name}, stored as {stored}); is the checkpoint for another model size?")
+
+
+def check_tensor_names(path: Path, model: str, used: set[str], available: set[str], allowed: set[str]) -> None:
+  """MismatchError listing the tensors the model needs that `path` lacks, then those it has that nothing reads
+  (besides `allowed`)."""
+  missing = sorted(used - available)
+  if missing:
+    raise MismatchError(f"{len(missing)} tensor(s) missing from the checkpoint in {path}: {missing[:8]}"
+                        f"{' ...' if len(missing) > 8 else ''}")
+  unexpected = sorted(available - used - allowed)
+  if unexpected:
+    raise MismatchError(f"{len(unexpected)} unexpected tensor(s) in the checkpoint in {path} for {model}: "
+                        f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
 def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
                params_dtype: str | np.dtype | None = None) -> Params:
   """Parameters of a HF `T5ForConditionalGeneration` safetensors checkpoint directory, in our tree.
@@ -175,11 +208,8 @@ def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
     raise ValueError(f"internal: HF name map and model parameters differ: {sorted(set(names) ^ set(expected))}")
 
   with contextlib.ExitStack() as stack:
-    source: dict[str, Any] = {}  # HF tensor name -> open shard
-    for shard in shards:
-      handle = stack.enter_context(safe_open(str(shard), framework="np"))
-      source.update({name: handle for name in handle.keys()})
-    hf_shape = lambda name: tuple(source[name].get_slice(name).get_shape())
+    source = open_shards(stack, shards)
+    hf_shape = lambda name: stored_shape(source, name)
     read = lambda name: source[name].get_tensor(name)
 
     embedding_copies = list(_EMBEDDING_COPIES)
@@ -194,18 +224,9 @@ def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
       found = hf_shape(name)
       found = found[::-1] if transpose else found
       if found != expected[ours]:
-        raise MismatchError(
-            f"parameter {'/'.join(ours)}: expected shape {expected[ours]} for {config.name}, found {found} "
-            f"(HF tensor {name}, stored as {hf_shape(name)}); is the checkpoint for another model size?")
-    used = {name for name, _ in names.values()}
-    missing = sorted(used - set(source))
-    if missing:
-      raise MismatchError(f"{len(missing)} tensor(s) missing from the checkpoint in {path}: {missing[:8]}"
-                          f"{' ...' if len(missing) > 8 else ''}")
-    unexpected = sorted(set(source) - used - set(embedding_copies) - set(_IGNORED))
-    if unexpected:
-      raise MismatchError(f"{len(unexpected)} unexpected tensor(s) in the checkpoint in {path} for {config.name}: "
-                          f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise shape_mismatch(ours, expected[ours], found, name, hf_shape(name), config.name)
+    check_tensor_names(path, config.name, {name for name, _ in names.values()}, set(source),
+                       set(embedding_copies) | set(_IGNORED))
 
     shared = read("shared.weight")
     for name in embedding_copies:
@@ -221,3 +242,4 @@ def load_hf_t5(path: str | os.PathLike, config: T5Config | None = None,
         node = node.setdefault(key, {})
       node[ours[-1]] = np.ascontiguousarray(array.T if transpose else array, dtype=dtype)
   return params
+from moe_jax.checkpoints.hf_causal import load_hf_causal_lm  # noqa: E402,F401

@@ -7,6 +7,8 @@ Parameters of an expert module at path P (T5X names, stacked on the `expert` axi
   P/router  [E, d_in]          zeros; the sigmoid gate's v during gate training, the router vector afterwards
 A module at a path matching `T5Config.delta_modules` also has
   P/delta   [d_in, d_out]      float32 zeros; a merged weight update kept beside the kernel (see `Linear`)
+A module built with `use_bias=True` (BLOOM's linears, Qwen2's q/k/v; never T5) also has
+  P/bias    [d_out]            the frozen backbone bias
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def has_experts(experts: ExpertConfig | None, path: str) -> bool:
 
 
 class Linear(nn.Module):
-  """y = x W (+ x D when the path matches `config.delta_modules`) (+ routed LoRA when it matches `experts.modules`).
+  """y = x W (+ b) (+ x D when the path matches `config.delta_modules`) (+ routed LoRA when it matches
+  `experts.modules`).
+
+  `config` is any model config with `compute_dtype`, `weights_dtype` and `delta_modules` (`T5Config`,
+  `moe_jax.models.causal.CausalLMConfig`). The optional bias is part of the frozen backbone, so the experts' update
+  (a function of x alone) is the same with or without it.
 
   D (`delta`) holds a merged update of ~1e-3 |W|: folded into W it would be rounded to W's bf16 grid (relative
   step 2^-8), which erases it where W is already on that grid (a bf16 checkpoint) and leaves it as rounding noise
@@ -45,6 +52,7 @@ class Linear(nn.Module):
   config: T5Config
   experts: ExpertConfig | None = None
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array, routing_ids: Array | None = None) -> Array:
@@ -54,6 +62,10 @@ class Linear(nn.Module):
                         (d_in, self.features), cfg.weights_dtype)
     x = x.astype(cfg.compute_dtype)
     y = jnp.dot(x, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                        (self.features,), cfg.weights_dtype)
+      y = y + bias.astype(jnp.float32)
     if cfg.delta_modules and re.fullmatch(cfg.delta_modules, module_path(self)):
       delta = self.param("delta", nn.with_logical_partitioning(nn.initializers.zeros, self.axes),
                          (d_in, self.features), jnp.float32)
