@@ -5,6 +5,8 @@ accept an additive bias: cuDNN flash attention on GPU (`jax.nn.dot_product_atten
 the Pallas flash-attention kernel on TPU. The plain XLA path (`xla_attention`) is the fallback and the reference;
 it is also the only path with attention-probability dropout. Packed rows add segment ids (query, key): the XLA
 path masks with them, cuDNN gets them folded into the additive bias, the TPU kernel takes them as `SegmentIds`.
+Cached decoding (`moe_jax.models.t5`, decode=True) uses the XLA path with a run-time query offset: a few queries
+against a cache is memory-bound, and the fused kernels take no query offset for the causal mask.
 """
 
 from __future__ import annotations
@@ -69,17 +71,30 @@ class RelativePositionBias(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, qlen: int, klen: int, offset: int = 0, positions: Array | None = None) -> Array:
+  def __call__(self, qlen: int, klen: int, offset: int | Array = 0, positions: Array | None = None) -> Array:
     """[1, heads, qlen, klen] for positions offset + arange(qlen) (queries) and arange(klen) (keys), or, given
     `positions` [B, L] (self-attention over packed rows, whose positions restart per segment; qlen = klen = L),
-    [B, heads, L, L] from each example's own positions."""
+    [B, heads, L, L] from each example's own positions.
+
+    `offset` may be a traced int32 scalar (cached decoding: the queries are the tokens written at the cache index,
+    known only at run time; queries must then stay below `klen`): the buckets are then read at run time from a
+    static table over every relative position -(klen - 1) .. klen - 1, so they are the very values of the static
+    path (no float32 log evaluated twice, once in NumPy and once in XLA).
+    """
     table = self.param("rel_embedding",
                        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", "relpos_buckets")),
                        (self.num_heads, self.num_buckets), self.param_dtype)
     if positions is None:
-      buckets = relative_position_buckets(qlen, klen, self.bidirectional, self.num_buckets, self.max_distance,
-                                          offset)
-      bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [heads, q, k]
+      if isinstance(offset, (int, np.integer)):
+        buckets = jnp.asarray(relative_position_buckets(qlen, klen, self.bidirectional, self.num_buckets,
+                                                        self.max_distance, int(offset)))
+      else:
+        # Row 0 of this table holds the bucket of relative position r at index r + klen - 1.
+        by_relative = relative_position_buckets(1, 2 * klen - 1, self.bidirectional, self.num_buckets,
+                                                self.max_distance, klen - 1)[0]
+        rel = jnp.arange(klen)[None, :] - (offset + jnp.arange(qlen))[:, None]
+        buckets = jnp.take(jnp.asarray(by_relative), rel + klen - 1, mode="clip")
+      bias = jnp.take(table, buckets, axis=1)  # [heads, q, k]
       return bias[None].astype(self.dtype)
     if positions.shape[1:] != (qlen,) or qlen != klen:
       raise ValueError(f"positions {positions.shape} need qlen = klen = their length; got {qlen}, {klen}")
@@ -90,13 +105,15 @@ class RelativePositionBias(nn.Module):
 
 def xla_attention(q: Array, k: Array, v: Array, bias: Array | None, kv_mask: Array | None, causal: bool,
                   dropout_rate: float = 0.0, dropout_rng: Array | None = None,
-                  segment_ids: tuple[Array, Array] | None = None) -> Array:
+                  segment_ids: tuple[Array, Array] | None = None, query_offset: int | Array = 0) -> Array:
   """Reference attention. q [B, Tq, H, D], k/v [B, Tk, H, D], bias [1|B, H, Tq, Tk], kv_mask [B, Tk] bool,
-  segment_ids (query [B, Tq], key [B, Tk]) int: a query sees only keys of its own segment (packed rows)."""
+  segment_ids (query [B, Tq], key [B, Tk]) int: a query sees only keys of its own segment (packed rows).
+  `query_offset` (int or traced scalar): under `causal`, query i stands at key position query_offset + i (the
+  queries of a cached decoding step against the whole cache)."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
-  mask = _full_mask(q.shape[1], k.shape[1], kv_mask, causal, segment_ids)
+  mask = _full_mask(q.shape[1], k.shape[1], kv_mask, causal, segment_ids, query_offset)
   if mask is not None:
     logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -107,8 +124,8 @@ def xla_attention(q: Array, k: Array, v: Array, bias: Array | None, kv_mask: Arr
 
 
 def _full_mask(qlen: int, klen: int, kv_mask: Array | None, causal: bool,
-               segment_ids: tuple[Array, Array] | None = None) -> Array | None:
-  """[1|B, 1, Tq, Tk] bool, or None when nothing is masked."""
+               segment_ids: tuple[Array, Array] | None = None, query_offset: int | Array = 0) -> Array | None:
+  """[1|B, 1, Tq, Tk] bool, or None when nothing is masked; under `causal` query i sees keys 0 .. query_offset + i."""
   mask = None
   if kv_mask is not None:
     mask = kv_mask[:, None, None, :]
@@ -117,7 +134,7 @@ def _full_mask(qlen: int, klen: int, kv_mask: Array | None, causal: bool,
     same = q_segments[:, None, :, None] == kv_segments[:, None, None, :]
     mask = same if mask is None else mask & same
   if causal:
-    tri = jnp.tril(jnp.ones((qlen, klen), bool))[None, None]
+    tri = (jnp.arange(klen)[None, :] <= jnp.arange(qlen)[:, None] + query_offset)[None, None]
     mask = tri if mask is None else mask & tri
   return mask
 
