@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     sys.meta_path.insert(0, Block())
     import jax, jax.numpy as jnp, numpy as np
     import moe_jax.models, moe_jax.checkpoints.hf, moe_jax.checkpoints.peft, moe_jax.evaluation.scoring
-    import moe_jax.library.__main__, moe_jax.library.interop
+    import moe_jax.library.__main__, moe_jax.library.interop, moe_jax.checkpoints.hf_causal, moe_jax.checkpoints.t5x
+    import moe_jax.models.causal, moe_jax.models.decoding, moe_jax.models.interface
     from moe_jax.models import ExpertConfig, Phatgoose, T5Config, Transformer
     from moe_jax.models import experts as ex
     from moe_jax.training import checkpointing, optimizer, partitioning, train_step

@@ -22,7 +22,7 @@ from moe_jax.methods import average_activation as aa
 from moe_jax.methods import concatenate as concat
 from moe_jax.methods import pipeline
 from moe_jax.methods.merged import merge_into_backbone
-from moe_jax.methods.retrieval import RetrievalIndex, encoder_mean_embedder
+from moe_jax.methods.retrieval import RetrievalIndex, prompt_mean_embedder
 from moe_jax.models import ExpertConfig, Fixed, T5Config, Transformer, Uniform
 from moe_jax.models import experts as ex
 from moe_jax.plots import plot_routing
@@ -204,7 +204,7 @@ def test_retrieval_picks_the_expert_holding_the_example(backbone):
   rng = np.random.default_rng(0)
   per_expert = [rng.integers(2, TINY.vocab_size, (5, 6)).astype(np.int32) for _ in range(3)]
   per_expert[1][:, 4:] = 0  # padding must not matter to the embedding
-  embed = encoder_mean_embedder(TINY, backbone)
+  embed = prompt_mean_embedder(TINY, backbone)
   index = RetrievalIndex.build(embed, [[p[:3], p[3:]] for p in per_expert], max_per_expert=4)
   assert index.embeddings.shape == (12, TINY.d_model) and list(index.expert_ids) == [0] * 4 + [1] * 4 + [2] * 4
   queries = np.concatenate([per_expert[2][1:2], per_expert[0][3:4], per_expert[1][0:1]])

@@ -98,10 +98,20 @@ def _use_data_root() -> None:
   seqio.add_global_cache_dirs([root])
 
 
+def feature_converter(decoder_only: bool, pack: bool) -> seqio.FeatureConverter:
+  """An encoder-decoder reads seqio's EncDec features. A decoder-only model reads PrefixLM features: "input target"
+  as one sequence (decoder_input_tokens: it shifted right after the start token 0; decoder_target_tokens: it), loss
+  on the target tokens only, unpacked (our causal LMs have no segment-aware attention, and they attend causally
+  over the input too)."""
+  if decoder_only:
+    return seqio.PrefixLMFeatureConverter(loss_on_targets_only=True, pack=False)
+  return seqio.EncDecFeatureConverter(pack=pack)
+
+
 @gin.configurable
 def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batch_size: int, seed: int = 42,
                   start_batch: int = 0, shard_index: int = 0, num_shards: int = 1,
-                  pack: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                  pack: bool = False, decoder_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches of the train split: shuffled with `seed`, repeated, batched, as NumPy int32 arrays.
 
   Keys: encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights, each
@@ -110,6 +120,7 @@ def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batc
   host); the shards see disjoint examples. The order is a pure function of the arguments, so a run resumed with
   `start_batch` = the number of batches it consumed gets exactly the batches the uninterrupted run would have.
   Skipping replays the input pipeline (no model work), which takes time in proportion to `start_batch`.
+  `decoder_only`: batches for a causal LM instead (`feature_converter`).
   """
   if not 0 <= shard_index < num_shards:
     raise ConfigError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
@@ -117,7 +128,7 @@ def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batc
   ds = seqio.get_dataset(
       get_provider(mixture_or_task),
       task_feature_lengths=dict(feature_lengths),
-      feature_converter=seqio.EncDecFeatureConverter(pack=pack),
+      feature_converter=feature_converter(decoder_only, pack),
       dataset_split="train",
       shuffle=True,
       num_epochs=None,
@@ -196,7 +207,8 @@ def mixture_examples(name: str, split: str, feature_lengths: Mapping[str, int] |
 
 
 def validation_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batch_size: int, num_batches: int,
-                       shard_index: int = 0, num_shards: int = 1) -> list[dict[str, np.ndarray]]:
+                       shard_index: int = 0, num_shards: int = 1,
+                       decoder_only: bool = False) -> list[dict[str, np.ndarray]]:
   """The first `num_batches` batches of this shard of the validation split, in a fixed order (no shuffling), as
   training batches are shaped. A short last batch is padded with all-zero rows, which carry no loss weight.
 
@@ -219,7 +231,7 @@ def validation_batches(mixture_or_task: str, feature_lengths: Mapping[str, int],
     raise ConfigError(f"{mixture_or_task}: no 'validation' split in {missing}; validation needs one "
                       "(or set train.validate_every = 0)")
   ds = seqio.get_dataset(provider, task_feature_lengths=dict(feature_lengths),
-                         feature_converter=seqio.EncDecFeatureConverter(pack=False), dataset_split="validation",
+                         feature_converter=feature_converter(decoder_only, False), dataset_split="validation",
                          shuffle=False, num_epochs=1, seed=0, verbose=False,
                          shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None)
   ds = ds.batch(batch_size)  # keeps the short last batch (seqio's own batching drops it), padded below

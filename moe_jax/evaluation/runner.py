@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import gin
 import jax
 from tqdm.auto import tqdm
@@ -17,7 +18,7 @@ from moe_jax.data import vocab
 from moe_jax.errors import ConfigError
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
-from moe_jax.models.t5 import Transformer
+from moe_jax.models.interface import build_model
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import partitioning as part
 from moe_jax.training.backbone import Backbone, check_same, load_backbone
@@ -51,7 +52,7 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
   them, keeping those tagged with every one of `library_tags`."""
   config = model_config or T5Config()
   mesh, rules = part.make_mesh(), part.axis_rules()
-  backbone_shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
+  backbone_shardings = part.logical_shardings(part.abstract_params(build_model(config)), mesh, rules)
   backbone = load_backbone(init_from, config, backbone_shardings, seed=0)
   params = backbone.params
   layout = None
@@ -68,14 +69,14 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
     modules, num_experts, rank = ex.layout(stacked)
     layout = ex.layout_config(modules, num_experts, rank, experts)
     params = ex.merge(params, stacked)
-  model = Transformer(config, layout)
+  model = build_model(config, layout)
   params = part.place(model, params, mesh, rules)  # the experts (host NumPy) onto the mesh once, split per the rules
   with vocab.using(backbone.vocabulary):
     return _evaluate(model, params, tasks, output_dir, split, batch_size, feature_lengths, mode, length_normalize,
                      max_examples, gin_config_str, config, backbone.vocabulary, mesh, rules)
 
 
-def _evaluate(model: Transformer, params: Any, tasks: Sequence[str], output_dir: str, split: str, batch_size: int,
+def _evaluate(model: nn.Module, params: Any, tasks: Sequence[str], output_dir: str, split: str, batch_size: int,
               feature_lengths: Mapping[str, int] | None, mode: str, length_normalize: bool, max_examples: int | None,
               gin_config_str: str, config: T5Config, spec: vocab.VocabSpec, mesh: Any,
               rules: Any) -> dict[str, dict[str, float]]:

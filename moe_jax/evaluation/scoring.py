@@ -13,13 +13,13 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.models import decoding
+from moe_jax.models import interface
 from moe_jax.training import partitioning as part
 
 EOS_ID = 1
-PAD_ID = 0  # also T5's decoder start token
 
 
 def pad_tokens(sequences: Sequence[np.ndarray], length: int) -> np.ndarray:
@@ -55,24 +55,7 @@ def fixed_batches(n: int, batch_size: int, *arrays: np.ndarray | None):
     yield start, count, part.place_batch([None if a is None else a[index] for a in arrays])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _choice_scores(model: nn.Module, params: Any, inputs: jax.Array, targets: jax.Array,
-                   routing_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """inputs [B, Li], targets [B, C, Lt] -> summed log p(target | input) [B, C] and target token counts [B, C]."""
-  b, c, lt = targets.shape
-  variables = {"params": params}
-  encoded = model.apply(variables, inputs, True, routing_ids, method="encode")
-  repeat = lambda x: None if x is None else jnp.repeat(x, c, axis=0)
-  flat = targets.reshape(b * c, lt)
-  decoder_inputs = jnp.pad(flat[:, :-1], ((0, 0), (1, 0)), constant_values=PAD_ID)  # shift right after the start
-  logits = model.apply(variables, repeat(encoded), repeat(inputs), decoder_inputs, True, repeat(routing_ids),
-                       method="decode").astype(jnp.float32)
-  # log_softmax at the target only: avoids materialising a second [B*C, Lt, V] array.
-  token_logp = (jnp.take_along_axis(logits, flat[..., None], axis=-1)[..., 0]
-                - jax.nn.logsumexp(logits, axis=-1))
-  mask = flat != PAD_ID
-  scores = jnp.sum(jnp.where(mask, token_logp, 0.0), axis=-1)
-  return scores.reshape(b, c), mask.sum(axis=-1).reshape(b, c).astype(jnp.int32)
+_choice_scores = jax.jit(interface.choice_scores, static_argnums=0)
 
 
 def choice_log_likelihoods(model: nn.Module, params: Any, inputs: np.ndarray,
@@ -119,29 +102,17 @@ def rank_classify(scores: np.ndarray, lengths: np.ndarray, length_normalize: boo
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _greedy(model: nn.Module, params: Any, inputs: jax.Array, max_length: int,
             routing_ids: jax.Array | None) -> jax.Array:
-  variables = {"params": params}
-  batch = inputs.shape[0]
-  encoded = model.apply(variables, inputs, True, routing_ids, method="encode")
-
-  def step(state):
-    i, tokens, done = state
-    decoder_inputs = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)), constant_values=PAD_ID)
-    logits = model.apply(variables, encoded, inputs, decoder_inputs, True, routing_ids, method="decode")
-    token = jnp.where(done, PAD_ID, jnp.argmax(logits[:, i], axis=-1).astype(jnp.int32))
-    return i + 1, tokens.at[:, i].set(token), done | (token == EOS_ID)
-
-  state = (jnp.int32(0), jnp.zeros((batch, max_length), jnp.int32), jnp.zeros((batch,), bool))
-  return jax.lax.while_loop(lambda s: (s[0] < max_length) & ~jnp.all(s[2]), step, state)[1]
+  step_fn, cache, prompt, mask = interface.generation_start(model, params, inputs, max_length, routing_ids)
+  return decoding.generate(step_fn, cache, prompt, mask, max_length, EOS_ID)
 
 
 def greedy_generate(model: nn.Module, params: Any, inputs: np.ndarray, max_length: int,
                     routing_ids: np.ndarray | None = None, batch_size: int = 32) -> np.ndarray:
   """Greedy decoding: [N, max_length] int32 tokens per input, EOS (1) included, 0 after it.
 
-  The encoder runs once per batch. There is no KV cache yet: every step re-runs the decoder over the whole
-  fixed-length token buffer (causal masking hides the positions not yet written), O(max_length^2) decoder work,
-  which suits short targets (classification labels, the synthetic tasks); long generations want a cached decoder.
-  The loop stops once every sequence in the batch has emitted EOS.
+  The encoder runs once per batch, and so do the cross-attention keys/values; the decoder keeps a key/value cache
+  (`Transformer.decode_step` through `decoding.generate`), so each step runs the decoder on one token, O(max_length)
+  attention work per step. The loop stops once every sequence in the batch has emitted EOS.
   """
   inputs = np.asarray(inputs, np.int32)
   rid = None if routing_ids is None else np.asarray(routing_ids, np.int32)

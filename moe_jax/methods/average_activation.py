@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.models import experts as ex
-from moe_jax.models.config import ExpertConfig, T5Config
+from moe_jax.models.config import ExpertConfig
 from moe_jax.models.lora import Linear, has_experts, module_path
 from moe_jax.models.routers import Uniform
-from moe_jax.models.t5 import Transformer
+from moe_jax.models import interface
+from moe_jax.models.interface import build_model
 from moe_jax.training import partitioning as part
 
 Params = dict[str, Any]
@@ -42,13 +43,20 @@ def reads_encoder_positions(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _batch_sums_fn(config: T5Config, layout: ExpertConfig):
-  """Jitted (params, batch arrays) -> {module path: (masked sum of its inputs [d_in] float32, count int32)}."""
-  model = Transformer(config, layout)
+def _batch_sums_fn(config: Any, layout: ExpertConfig):
+  """Jitted (params, batch arrays) -> {module path: (masked sum of its inputs [d_in] float32, count int32)}.
+
+  A decoder-only model's modules all read one sequence (input and target): they average over its real tokens."""
+  model = build_model(config, layout)
+  decoder_only = interface.is_decoder_only(config)
 
   def batch_sums(params, encoder_tokens, decoder_tokens, decoder_weights, valid):
-    encoder_mask = ((encoder_tokens > 0) & valid[:, None]).astype(jnp.float32)
-    decoder_mask = ((decoder_weights > 0) & valid[:, None]).astype(jnp.float32)
+    if decoder_only:  # (decoder_input_tokens, decoder_target_tokens, decoder_loss_weights) of PrefixLM batches
+      real = ((decoder_tokens > 0) & valid[:, None]).astype(jnp.float32)
+      encoder_mask = decoder_mask = real
+    else:
+      encoder_mask = ((encoder_tokens > 0) & valid[:, None]).astype(jnp.float32)
+      decoder_mask = ((decoder_weights > 0) & valid[:, None]).astype(jnp.float32)
 
     def capture(next_fun, args, kwargs, context):
       module = context.module
@@ -60,17 +68,22 @@ def _batch_sums_fn(config: T5Config, layout: ExpertConfig):
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture):
-      _, state = model.apply({"params": params}, encoder_tokens, decoder_tokens, mutable=[_COLLECTION])
+      if decoder_only:
+        _, state = model.apply({"params": params}, encoder_tokens, decoder_mask.astype(jnp.int32),
+                               mutable=[_COLLECTION])
+      else:
+        _, state = model.apply({"params": params}, encoder_tokens, decoder_tokens, mutable=[_COLLECTION])
     flat = flax.traverse_util.flatten_dict(state[_COLLECTION])
     return {"/".join(key[:-1]): value[0] for key, value in flat.items()}  # each module is called once
 
   return jax.jit(batch_sums)
 
 
-def average_activations(config: T5Config, backbone: Params, expert_tree: Params,
+def average_activations(config: Any, backbone: Params, expert_tree: Params,
                         batches: Iterable[Mapping[str, np.ndarray]], max_examples: int = 1000) -> Params:
   """Router tree {module path: {"router": [1, d_in] float32}} of one expert (E=1), from at most `max_examples`
-  examples of `batches` (feature-converter dicts: encoder_input_tokens, decoder_input_tokens, decoder_loss_weights).
+  examples of `batches` (feature-converter dicts: encoder_input_tokens, decoder_input_tokens, decoder_loss_weights;
+  a decoder-only model's: decoder_input_tokens, decoder_target_tokens, decoder_loss_weights).
 
   Merge it over the expert tree (`moe_jax.models.experts.merge`) to replace the expert's router vectors.
   """
@@ -80,17 +93,18 @@ def average_activations(config: T5Config, backbone: Params, expert_tree: Params,
   layout = ExpertConfig(num_experts=1, rank=rank, modules="|".join(map(re.escape, modules)), router=Uniform())
   step = _batch_sums_fn(dataclasses.replace(config, remat=False), layout)  # remat changes only the backward pass
   params = ex.merge(ex.split(backbone)[0], expert_tree)
+  keys = (("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights") if interface.is_decoder_only(config)
+          else ("encoder_input_tokens", "decoder_input_tokens", "decoder_loss_weights"))
   sums: dict[str, np.ndarray] = {}
   counts: dict[str, int] = {}
   seen = 0
   for batch in batches:
     if seen >= max_examples:
       break
-    encoder_tokens = np.asarray(batch["encoder_input_tokens"])
-    size = encoder_tokens.shape[0]
+    arrays = [np.asarray(batch[key]) for key in keys]
+    size = arrays[0].shape[0]
     valid = np.arange(size) < max_examples - seen  # rows past the budget count for nothing (no reshape, no retrace)
-    stats = part.to_host(step(params, *part.place_batch((encoder_tokens, np.asarray(batch["decoder_input_tokens"]),
-                                                         np.asarray(batch["decoder_loss_weights"]), valid))))
+    stats = part.to_host(step(params, *part.place_batch((*arrays, valid))))
     for path in modules:
       sums[path] = sums.get(path, 0.0) + np.asarray(stats[path][0], np.float64)
       counts[path] = counts.get(path, 0) + int(stats[path][1])
@@ -102,7 +116,7 @@ def average_activations(config: T5Config, backbone: Params, expert_tree: Params,
       {tuple(path.split("/")) + ("router",): (sums[path] / counts[path])[None].astype(np.float32) for path in modules})
 
 
-def average_activation_routers(config: T5Config, backbone: Params, moe_tree: Params,
+def average_activation_routers(config: Any, backbone: Params, moe_tree: Params,
                                batches_per_expert: Sequence[Iterable[Mapping[str, np.ndarray]]],
                                max_examples: int = 1000) -> Params:
   """Router tree {module path: {"router": [N, d_in]}} of an N-expert tree: expert i's vectors from

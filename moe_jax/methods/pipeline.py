@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import gin
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ from moe_jax.methods.routing import (comparison_markdown, diagnostics_markdown, 
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.routers import Fixed, Phatgoose, Uniform
-from moe_jax.models.t5 import Transformer
+from moe_jax.models.interface import build_model
 from moe_jax.plots import plot_routing, plot_routing_diagnostics, task_label
 from moe_jax.progress import JobProgress
 from moe_jax.training import checkpointing as ckpt
@@ -58,7 +59,7 @@ PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
 class Method:
   """What one method evaluates: a model, its parameters and, for per-example routing, the routing ids."""
 
-  model: Transformer
+  model: nn.Module
   params: Any
   routing_ids_fn: Callable[[str, Sequence[dict]], Sequence[int]] | None = None
 
@@ -155,7 +156,7 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
           init_from=backbone_dir, validate_every=0, **common)
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone = loop.load_backbone(backbone_dir, config, part.logical_shardings(
-      part.abstract_params(Transformer(config)), mesh, rules), seed=0)  # once, for every stage below
+      part.abstract_params(build_model(config)), mesh, rules), seed=0)  # once, for every stage below
   expert_library = ExpertLibrary(library or fs.join(run_dir, "library"))
   for task in expert_tasks:
     identity_hash = expert_identity(backbone, task, config, experts, expert_steps, gate_steps, lengths, seed)
@@ -270,22 +271,22 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
                                                                                    router=router))
   method = lambda model, params, routing_ids_fn=None: Method(model, part.place(model, params, mesh, rules),
                                                              routing_ids_fn)
-  with_experts = part.place(Transformer(config, layout(Uniform())), ex.merge(backbone, moe_tree), mesh, rules)
+  with_experts = part.place(build_model(config, layout(Uniform())), ex.merge(backbone, moe_tree), mesh, rules)
   backbone, moe_tree = ex.split(with_experts)  # both on the mesh now
   built: dict[str, Method] = {}
   for name in names:
     if name == "multitask":
-      built[name] = method(Transformer(config), backbone if multitask is None else multitask)
+      built[name] = method(build_model(config), backbone if multitask is None else multitask)
     elif name == "merged":  # the paper's Merged Experts: W + mean_i B_i A_i / r, kept apart from W under bf16
       merged_config, params = merged.merged_experts(config, backbone, moe_tree)
-      built[name] = method(Transformer(merged_config), params)
+      built[name] = method(build_model(merged_config), params)
     elif name == "merged_factors":  # the released code's average_lora_weights: mean A, mean B, one LoRA
       one = ex.layout_config(modules, 1, rank, dataclasses.replace(experts or ExpertConfig(), router=Uniform()))
-      built[name] = method(Transformer(config, one), ex.merge(backbone, merged.average_factors(moe_tree)))
+      built[name] = method(build_model(config, one), ex.merge(backbone, merged.average_factors(moe_tree)))
     elif name == "uniform":
-      built[name] = method(Transformer(config, layout(Uniform())), with_experts)
+      built[name] = method(build_model(config, layout(Uniform())), with_experts)
     elif name == "phatgoose":
-      built[name] = method(Transformer(config, layout(Phatgoose(k=top_k))), with_experts)
+      built[name] = method(build_model(config, layout(Phatgoose(k=top_k))), with_experts)
     elif name == "average_activation":  # unpacked examples: a packed row would mix tasks' positions in one mean
       settings = {"max_examples": activation_examples, "feature_lengths": dict(lengths), "pack": False}
 
@@ -299,20 +300,20 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
                                functools.partial(activations, i, task)) for i, task in enumerate(expert_tasks)]
       routers = flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
                                                    for k in per_expert[0]})
-      built[name] = method(Transformer(config, layout(Phatgoose(k=top_k))), ex.merge(with_experts, routers))
+      built[name] = method(build_model(config, layout(Phatgoose(k=top_k))), ex.merge(with_experts, routers))
     elif name == "retrieval":
-      embed = _fixed_shape(retrieval.encoder_mean_embedder(config, backbone), lengths["inputs"], batch_rows(32))
+      embed = _fixed_shape(retrieval.prompt_mean_embedder(config, backbone), lengths["inputs"], batch_rows(32))
       settings = {"max_examples": retrieval_examples, "feature_lengths": dict(lengths),
-                  "embedder": "backbone encoder mean", "backbone": identity.weights_checksum(backbone)}
+                  "embedder": "backbone prompt mean", "backbone": identity.weights_checksum(backbone)}
       stored = [_auxiliary(expert_library, t, "retrieval_embeddings", {**settings, "task": t}, lambda t=t: {
           "embeddings": embed(embed.tokens(mixture_examples(t, "train", lengths, retrieval_examples)))})["embeddings"]
                 for t in expert_tasks]
       index = retrieval.RetrievalIndex.from_embeddings(embed, stored)
       route = lambda task, examples: index.route_tokens(embed.tokens(examples))
-      built[name] = method(Transformer(config, layout(Fixed())), with_experts, route)
+      built[name] = method(build_model(config, layout(Fixed())), with_experts, route)
     elif name == "oracle":
       ids = lambda task, examples: [_oracle_expert(task, expert_tasks)] * len(examples)
-      built[name] = method(Transformer(config, layout(Fixed())), with_experts, ids)
+      built[name] = method(build_model(config, layout(Fixed())), with_experts, ids)
   return built
 
 
@@ -357,7 +358,7 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
   from moe_jax.evaluation.evaluate import evaluate_task  # pylint: disable=g-import-not-at-top
 
   mesh, rules = part.make_mesh(), part.axis_rules()
-  shardings = part.logical_shardings(part.abstract_params(Transformer(config)), mesh, rules)
+  shardings = part.logical_shardings(part.abstract_params(build_model(config)), mesh, rules)
   moe_tree, metadata = moe  # host NumPy: build_methods puts it on the mesh once
   where = "the experts" if expert_library is None else f"the experts of {expert_library.uri}"
   check_same(metadata.get("backbone"), loaded, where)

@@ -3,7 +3,7 @@
 The index keeps up to `max_per_expert` embedded inputs per expert; an example goes to the expert holding its most
 cosine-similar stored input (max over that expert's examples, argmax over experts). The ids it returns are
 `routing_ids` for the model call with the `Fixed()` router. The embedding is pluggable; the default embeds with
-the backbone itself (mean of its final encoder states over real tokens), so it runs offline.
+the backbone itself (mean of its final states over the input's real tokens), so it runs offline.
 """
 
 from __future__ import annotations
@@ -16,23 +16,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.models.config import T5Config
+from moe_jax.models import interface
+from moe_jax.models.interface import build_model
 from moe_jax.models.t5 import Transformer
 from moe_jax.training import partitioning as part
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # token batch [B, L] int -> embeddings [B, D] float
 
 
-def encoder_mean_embedder(config: T5Config, backbone: Any) -> EmbedFn:
-  """Embed a token batch as the mean of the backbone's final encoder states over real tokens (ids > 0), computed
-  where the backbone lies; under `partitioning.activate` the batch goes onto the mesh, so its rows must split
-  evenly over the `batch` rule's devices (`moe_jax.evaluation.scoring.batch_rows`)."""
-  model = Transformer(config)
+def prompt_mean_embedder(config: Any, backbone: Any) -> EmbedFn:
+  """Embed a token batch as the mean of the backbone's final states over real tokens (ids > 0): the encoder's
+  output for an encoder-decoder, the final norm's output for a decoder-only model reading the input alone.
+  Computed where the backbone lies; under `partitioning.activate` the batch goes onto the mesh, so its rows must
+  split evenly over the `batch` rule's devices (`moe_jax.evaluation.scoring.batch_rows`)."""
+  model = build_model(config)
+  decoder_only = interface.is_decoder_only(config)
 
   @jax.jit
   def embed(params, tokens):
-    states = model.apply({"params": params}, tokens, method=Transformer.encode).astype(jnp.float32)
     mask = (tokens > 0).astype(jnp.float32)
+    if decoder_only:
+      _, state = model.apply({"params": params}, tokens, mask.astype(jnp.int32), mutable=["intermediates"],
+                             capture_intermediates=lambda module, method: module.name == "final_norm")
+      states = state["intermediates"]["final_norm"]["__call__"][0].astype(jnp.float32)
+    else:
+      states = model.apply({"params": params}, tokens, method=Transformer.encode).astype(jnp.float32)
     total = jnp.einsum("bld,bl->bd", states, mask, precision=jax.lax.Precision.HIGHEST)
     return total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
 

@@ -27,7 +27,7 @@ from moe_jax.evaluation.scoring import batch_rows, fixed_batches, pad_tokens
 from moe_jax.methods.average_activation import reads_encoder_positions
 from moe_jax.models.lora import Linear, has_experts, module_path
 from moe_jax.models.routers import Uniform
-from moe_jax.models.t5 import Transformer
+from moe_jax.models import interface
 from moe_jax.plots import task_label
 from moe_jax.training import partitioning as part
 
@@ -35,10 +35,12 @@ _COLLECTION = "routing_counts"
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _batch_counts(model: Transformer, params: Any, encoder_tokens: jax.Array, decoder_tokens: jax.Array,
+def _batch_counts(model: nn.Module, params: Any, encoder_tokens: jax.Array, decoder_tokens: jax.Array,
                   targets: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
   """{module path: tokens routed to each expert [E] (a token counts once per chosen expert)}; rows not `valid`
-  (padding to the fixed batch shape) count for nothing."""
+  (padding to the fixed batch shape) count for nothing. A decoder-only model reads `decoder_tokens` (its one
+  sequence, shifted right) and counts every real position of `targets`."""
+  decoder_only = interface.is_decoder_only(model)
   encoder_mask = ((encoder_tokens > 0) & valid[:, None]).astype(jnp.float32)
   decoder_mask = ((targets > 0) & valid[:, None]).astype(jnp.float32)
 
@@ -58,12 +60,16 @@ def _batch_counts(model: Transformer, params: Any, encoder_tokens: jax.Array, de
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(capture):
-    _, state = model.apply({"params": params}, encoder_tokens, decoder_tokens, mutable=[_COLLECTION])
+    if decoder_only:
+      _, state = model.apply({"params": params}, decoder_tokens, (targets > 0).astype(jnp.int32),
+                             mutable=[_COLLECTION])
+    else:
+      _, state = model.apply({"params": params}, encoder_tokens, decoder_tokens, mutable=[_COLLECTION])
   flat = flax.traverse_util.flatten_dict(state[_COLLECTION])
   return {"/".join(key[:-1]): value[0] for key, value in flat.items()}
 
 
-def routing_shares(model: Transformer, params: Any, tasks: Sequence[str], split: str,
+def routing_shares(model: nn.Module, params: Any, tasks: Sequence[str], split: str,
                    feature_lengths: Mapping[str, int], max_examples: int | None = None,
                    batch_size: int = 32) -> dict[str, np.ndarray]:
   """{module path: [len(tasks), E] share of each task's tokens routed to each expert} on the tasks' `split`,
@@ -76,6 +82,9 @@ def routing_shares(model: Transformer, params: Any, tasks: Sequence[str], split:
     examples = mixture_examples(task, split, feature_lengths, max_examples)
     inputs = pad_tokens([e["inputs"] for e in examples], feature_lengths["inputs"])
     targets = pad_tokens([e["targets"] for e in examples], feature_lengths["targets"])
+    if interface.is_decoder_only(model):  # one sequence: input then target, as the model was trained on them
+      targets = pad_tokens([np.concatenate([e["inputs"], e["targets"]]) for e in examples],
+                           feature_lengths["inputs"] + feature_lengths["targets"])
     decoder_inputs = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
     tokens = {"encoder": float(np.sum(inputs > 0)), "decoder": float(np.sum(targets > 0))}
     index = np.arange(-(-len(examples) // batch_rows(batch_size)) * batch_rows(batch_size))

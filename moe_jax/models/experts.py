@@ -20,7 +20,7 @@ import numpy as np
 
 from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.models.config import ExpertConfig, T5Config
-from moe_jax.models.t5 import Transformer
+from moe_jax.models.interface import build_model
 
 EXPERT_PARAMS = ("lora_a", "lora_b", "router")
 Params = dict[str, Any]
@@ -90,7 +90,7 @@ def init_experts(config: T5Config, experts: ExpertConfig, rng: jax.Array) -> Par
   tokens = jnp.ones((1, 1), jnp.int32)
 
   def init() -> Params:
-    params = nn.meta.unbox(Transformer(config, experts).init(rng, tokens, tokens, routing_ids=jnp.zeros((1,), jnp.int32)))["params"]
+    params = nn.meta.unbox(build_model(config, experts).init(rng, tokens, tokens, routing_ids=jnp.zeros((1,), jnp.int32)))["params"]
     return split(params)[1]
 
   return jax.jit(init)()
@@ -104,7 +104,7 @@ def add_experts(backbone: Params, config: T5Config, experts: ExpertConfig, rng: 
   if any(is_expert_param(k) for k in flax.traverse_util.flatten_dict(backbone)):
     raise ValueError("add_experts: the backbone tree already has expert parameters; use `split` first")
   tokens = jnp.ones((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens)))
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(build_model(config).init(jax.random.PRNGKey(0), tokens, tokens)))
   mismatch = first_mismatch(backbone, shapes["params"])
   if mismatch:
     path, found, want = mismatch

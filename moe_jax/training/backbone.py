@@ -22,7 +22,7 @@ from moe_jax.checkpoints.t5x import is_t5x_checkpoint, load_t5x
 from moe_jax.data import vocab
 from moe_jax.errors import MismatchError, MissingFileError
 from moe_jax.models.config import T5Config
-from moe_jax.models.t5 import Transformer
+from moe_jax.models.interface import build_model, is_decoder_only
 from moe_jax.training import partitioning as part
 
 BACKBONE_DIR = "backbone"
@@ -63,18 +63,22 @@ def load_backbone(init_from: str | None, config: T5Config, shardings: Any, seed:
   with its checksum computed on the devices and its vocabulary resolved (`moe_jax.data.vocab.for_backbone`)."""
   if init_from is None:
     tokens = jnp.ones((1, 1), jnp.int32)
-    init = lambda: nn.meta.unbox(Transformer(config).init(jax.random.PRNGKey(seed), tokens, tokens))["params"]
+    init = lambda: nn.meta.unbox(build_model(config).init(jax.random.PRNGKey(seed), tokens, tokens))["params"]
     params = jax.jit(init, out_shardings=shardings)()
     spec = vocab.for_backbone(None, "a randomly initialised backbone", config.vocab_size, config.name)
     return Backbone(params, weights_checksum(params), f"random(seed={seed})", spec, config)
   if not fs.exists(init_from):
-    raise MissingFileError(f"init_from={init_from!r} does not exist (expected a Hugging Face T5 directory, a T5X "
-                           "checkpoint_<step> directory or the model_dir of a multitask run)")
+    raise MissingFileError(f"init_from={init_from!r} does not exist (expected a Hugging Face T5 or causal LM "
+                           "directory, a T5X checkpoint_<step> directory or the model_dir of a multitask run)")
   if fs.isfile(fs.join(init_from, CONFIG_FILE)):
     if fs.is_url(init_from):
       raise MissingFileError(f"init_from={init_from!r}: Hugging Face directories are read from local disk; copy "
                              "it to the machine (e.g. gsutil -m cp -r) and point init_from there")
-    params = jax.device_put(load_hf_t5(init_from, config), shardings)
+    if is_decoder_only(config):
+      from moe_jax.checkpoints.hf_causal import load_hf_causal_lm  # pylint: disable=g-import-not-at-top
+      params = jax.device_put(load_hf_causal_lm(init_from, config)[1], shardings)
+    else:
+      params = jax.device_put(load_hf_t5(init_from, config), shardings)
     spec = vocab.for_backbone(vocab.hf_vocabulary(init_from), init_from, config.vocab_size, config.name)
     return Backbone(params, weights_checksum(params), init_from, spec, config)
   if is_t5x_checkpoint(init_from):  # a T5X checkpoint_<step>/ carries no vocabulary: the gin binding's
@@ -118,7 +122,7 @@ def restore_backbone(directory: str, config: T5Config, shardings: Any) -> tuple[
     raise MismatchError(f"backbone checkpoint {directory} belongs to model {found.get('model_name')!r} (fingerprint "
                         f"{found.get('fingerprint')}), but this run's model is {config.name!r} "
                         f"(fingerprint {config.fingerprint()})")
-  abstract = nn.meta.unbox(part.abstract_params(Transformer(config)))
+  abstract = nn.meta.unbox(part.abstract_params(build_model(config)))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     params = checkpointer.restore(fs.absolute(directory),

@@ -36,7 +36,8 @@ from moe_jax.errors import ConfigError, MismatchError, MissingFileError
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.routers import SigmoidGate, Uniform
-from moe_jax.models.t5 import Transformer
+from moe_jax.models import interface
+from moe_jax.models.interface import build_model
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
@@ -183,7 +184,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                       f"{shards} batch shards of the mesh (data x fsdp x expert)")
   if batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
-  backbone_model = Transformer(config)
+  backbone_model = build_model(config)
   if backbone is None:
     backbone = load_backbone(init_from, config, part.logical_shardings(part.abstract_params(backbone_model), mesh,
                                                                        rules), seed)
@@ -231,7 +232,7 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
                   f"records them (config_hash {identity.config_hash(record)}):\n# {json.dumps(record)}\n")
   vocab.check_tasks([task], backbone.vocabulary, config.vocab_size, config.name)
 
-  model = Transformer(config, layout)
+  model = build_model(config, layout)
   optimizer = opt.make_optimizer(stage, part.abstract_params(model), total_steps=total_steps)
   state = create_train_state(params, model, optimizer, mesh, rules)
   del params
@@ -251,7 +252,7 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
 
   batches = pipeline.train_batches(task, lengths, batch_size // jax.process_count(), seed=seed,
                                    start_batch=data_position, shard_index=jax.process_index(),
-                                   num_shards=jax.process_count())
+                                   num_shards=jax.process_count(), decoder_only=interface.is_decoder_only(config))
   step_fn = make_train_step(model, optimizer, stage, mesh, rules, num_microbatches)
   writer = MetricsWriter(model_dir, resume_step=int(state.step))
   product_metadata = {"stage": stage, "backbone": backbone.record(), "config": record,
@@ -259,7 +260,8 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
   keep_best = None
   if validate_every:
     held_out = pipeline.validation_batches(task, lengths, batch_size // num_microbatches // jax.process_count(),
-                                           validation_batches, jax.process_index(), jax.process_count())
+                                           validation_batches, jax.process_index(), jax.process_count(),
+                                           decoder_only=interface.is_decoder_only(config))
     keep_best = KeepBest(model_dir, make_eval_loss(model, mesh, rules), held_out, mesh, rules, validate_every, config,
                          task, product_metadata)
   start = int(state.step)
@@ -293,7 +295,7 @@ def _run(state: Any, step_fn: Any, batches: Any, mesh: Any, rules: Any, checkpoi
   tick, tokens, since_log = time.perf_counter(), 0, 0
   for step in range(int(state.step) + 1, total_steps + 1):
     batch = next(batches)
-    tokens += int(np.sum(batch["encoder_input_tokens"] > 0) + np.sum(batch["decoder_loss_weights"] > 0))
+    tokens += int(np.sum(batch.get("encoder_input_tokens", 0) > 0) + np.sum(batch["decoder_target_tokens"] > 0))
     state, metrics = step_fn(state, part.shard_batch(batch, mesh, rules))
     bar.update(1)
     since_log += 1

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from moe_jax.errors import ConfigError
 from moe_jax.models import experts as ex
+from moe_jax.models import interface
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
 
@@ -75,13 +76,8 @@ def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.A
 
 
 def _loss_sum(model: nn.Module, params: Any, batch: Batch, z_loss: float, rng: jax.Array | None):
-  # Packed batches (seqio pack=True) carry segment ids and positions; without them examples would attend across.
-  packing = {name: batch.get(name) for name in ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
-                                                "decoder_positions")}
-  logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                       deterministic=rng is None, routing_ids=batch.get("routing_ids"),
-                       rngs=None if rng is None else {"dropout": rng}, **packing)
-  return weighted_cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss)
+  logits, targets, weights = interface.logits_and_targets(model, params, batch, deterministic=rng is None, rng=rng)
+  return weighted_cross_entropy(logits, targets, weights, z_loss)
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
