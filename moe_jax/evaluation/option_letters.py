@@ -21,7 +21,6 @@ Template (`format_prompt`), one line per part:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
