@@ -41,8 +41,9 @@ setup(
         "data": DATA,
         # gs:// run dirs, products and data roots through fsspec (orbax writes checkpoints to GCS itself).
         "gcs": ["gcsfs>=2024.6"],
-        # transformers + CPU PyTorch are the independent reference our T5 is tested against. torch==2.13.0 is a
-        # CPU build on this project's machines; an open `torch` requirement would pull a multi-GB CUDA build.
-        "test": DATA + ["pytest>=8", "transformers>=4.40", "torch==2.13.0", "peft>=0.13"],
+        # The independent references of the tests: transformers + CPU PyTorch (our T5 and causal LMs), peft (LoRA
+        # adapters), lm-eval (option-letter log-likelihoods). torch==2.13.0 is a CPU build on this project's
+        # machines; an open `torch` requirement would pull a multi-GB CUDA build.
+        "test": DATA + ["pytest>=8", "transformers>=4.40", "torch==2.13.0", "peft>=0.13", "lm-eval==0.4.13"],
     },
 )
