@@ -118,3 +118,34 @@ class Fixed(Router):
       ids = jnp.asarray(routing_ids, jnp.int32)
     experts = jnp.broadcast_to(ids.reshape(ids.shape + (1,) * (x.ndim - 1)), x.shape[:-1] + (1,))
     return Routing(experts, jnp.ones(experts.shape, jnp.float32))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Arrow(Router):
+  """Arrow (MTTL's `arrow_router`): s_i = |<x, v_i>| / temperature; top-k; softmax over the k kept scores.
+
+  v_i is expert i's prototype at this module (`moe_jax.methods.arrow.arrow_routers`: the unit input direction its
+  LoRA update stretches most). x is not normalised, so the scores scale with |x| and the temperature sets how
+  peaked the softmax is. The absolute value makes the score blind to the prototype's sign, which the SVD leaves
+  undetermined. `k=None` keeps every expert (a dense softmax, `Routing.experts=None`), MTTL's `top_k=-1`. Ties go
+  to the lower expert index (`jax.lax.top_k`, as in `Phatgoose`). MTTL reads a temperature <= 0 as sqrt(d_in);
+  here it is an error, so a typo cannot silently change the routing.
+  """
+
+  k: int | None = 2
+  temperature: float = 1.0
+  uses_vectors = True
+
+  def __call__(self, x, vectors, routing_ids=None):
+    num_experts = vectors.shape[0]
+    if self.k is not None and not 1 <= self.k <= num_experts:
+      raise ConfigError(f"Arrow router: k={self.k} but the module has {num_experts} experts")
+    if not self.temperature > 0:
+      raise ConfigError(f"Arrow router: temperature={self.temperature}; it must be positive")
+    scores = jnp.abs(jnp.einsum("...d,ed->...e", x.astype(jnp.float32), vectors.astype(jnp.float32),
+                                precision=jax.lax.Precision.HIGHEST)) / jnp.float32(self.temperature)
+    if self.k is None:
+      return Routing(None, jax.nn.softmax(scores, axis=-1))
+    top_scores, top_experts = jax.lax.top_k(scores, self.k)
+    return Routing(top_experts.astype(jnp.int32), jax.nn.softmax(top_scores, axis=-1))
