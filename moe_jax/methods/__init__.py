@@ -1,2 +1,3 @@
-"""Methods that combine trained experts: concatenation into one MoE file, Merged Experts, Average Activation router
-vectors and retrieval routing. Each works on plain parameter trees and expert files; none imports TensorFlow."""
+"""Methods that combine trained experts: concatenation into one MoE file, Merged Experts and merging (uniform means,
+TIES), Average Activation and Arrow router vectors, retrieval routing, Model-Based Clustering. Each works on plain
+parameter trees, expert files or an expert library; none imports TensorFlow."""

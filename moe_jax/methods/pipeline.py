@@ -33,14 +33,14 @@ from moe_jax import fs
 from moe_jax.checkpoints import identity
 from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.evaluation.scoring import batch_rows, pad_tokens
-from moe_jax.methods import average_activation, merged, retrieval
+from moe_jax.methods import arrow, average_activation, merged, merging, retrieval
 from moe_jax.data import vocab
 from moe_jax.library import Expert, ExpertInfo, ExpertLibrary, make_expert
 from moe_jax.methods.routing import (comparison_markdown, diagnostics_markdown, router_agreement,
                                     routing_diagnostics, routing_shares, skill_of)
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
-from moe_jax.models.routers import Fixed, Phatgoose, Uniform
+from moe_jax.models.routers import Arrow, Fixed, Phatgoose, Uniform
 from moe_jax.models.interface import build_model
 from moe_jax.plots import plot_routing, plot_routing_diagnostics, task_label
 from moe_jax.progress import JobProgress
@@ -49,8 +49,8 @@ from moe_jax.training import loop
 from moe_jax.training import partitioning as part
 from moe_jax.training.backbone import check_same
 
-METHODS = ("multitask", "merged", "merged_factors", "uniform", "phatgoose", "average_activation", "retrieval",
-           "oracle")
+METHODS = ("multitask", "merged", "merged_factors", "ties", "uniform", "phatgoose", "average_activation", "arrow",
+           "retrieval", "oracle")
 # The score reported per task: the first of these its metric functions give (rank classification gives accuracy).
 PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
 
@@ -271,6 +271,7 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
                                                                                    router=router))
   method = lambda model, params, routing_ids_fn=None: Method(model, part.place(model, params, mesh, rules),
                                                              routing_ids_fn)
+  one = ex.layout_config(modules, 1, rank, dataclasses.replace(experts or ExpertConfig(), router=Uniform()))
   with_experts = part.place(build_model(config, layout(Uniform())), ex.merge(backbone, moe_tree), mesh, rules)
   backbone, moe_tree = ex.split(with_experts)  # both on the mesh now
   built: dict[str, Method] = {}
@@ -280,9 +281,11 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
     elif name == "merged":  # the paper's Merged Experts: W + mean_i B_i A_i / r, kept apart from W under bf16
       merged_config, params = merged.merged_experts(config, backbone, moe_tree)
       built[name] = method(build_model(merged_config), params)
-    elif name == "merged_factors":  # the released code's average_lora_weights: mean A, mean B, one LoRA
-      one = ex.layout_config(modules, 1, rank, dataclasses.replace(experts or ExpertConfig(), router=Uniform()))
+    elif name == "merged_factors":  # the released code's average_lora_weights (MTTL's uniform): mean A, mean B
       built[name] = method(build_model(config, one), ex.merge(backbone, merged.average_factors(moe_tree)))
+    elif name == "ties":  # TIES on each expert's flattened factors (top 20% kept, sign election, disjoint mean)
+      built[name] = method(build_model(config, one), ex.merge(backbone, merging.ties_merge_experts(
+          jax.tree.map(np.asarray, moe_tree))))
     elif name == "uniform":
       built[name] = method(build_model(config, layout(Uniform())), with_experts)
     elif name == "phatgoose":
@@ -301,6 +304,14 @@ def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tre
       routers = flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
                                                    for k in per_expert[0]})
       built[name] = method(build_model(config, layout(Phatgoose(k=top_k))), ex.merge(with_experts, routers))
+    elif name == "arrow":  # MTTL's Arrow: each expert's top singular direction as its router vector, |<x, u>|
+      per_expert = [_auxiliary(expert_library, task, "arrow_prototypes", {}, lambda i=i: {
+          "/".join(k): v for k, v in flax.traverse_util.flatten_dict(
+              arrow.arrow_routers(jax.tree.map(lambda x: np.asarray(x[i:i + 1]), moe_tree))).items()})
+                    for i, task in enumerate(expert_tasks)]
+      routers = flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
+                                                   for k in per_expert[0]})
+      built[name] = method(build_model(config, layout(Arrow(k=top_k))), ex.merge(with_experts, routers))
     elif name == "retrieval":
       embed = _fixed_shape(retrieval.prompt_mean_embedder(config, backbone), lengths["inputs"], batch_rows(32))
       settings = {"max_examples": retrieval_examples, "feature_lengths": dict(lengths),
