@@ -20,6 +20,7 @@ from moe_jax import fs
 from moe_jax.errors import ConfigError
 from moe_jax.methods import average_activation as aa
 from moe_jax.methods import concatenate as concat
+from moe_jax.methods import oracle
 from moe_jax.methods import pipeline
 from moe_jax.methods.merged import merge_into_backbone
 from moe_jax.methods.retrieval import RetrievalIndex, prompt_mean_embedder
@@ -238,14 +239,14 @@ def test_pipeline_results_and_plot_go_through_fs():
 def test_pipeline_user_errors_are_user_errors():
   """Settings that cannot work are ConfigErrors (one line from the CLI, no traceback)."""
   run_dir = f"memory://pipeline-{uuid.uuid4().hex}"
-  with pytest.raises(ConfigError, match=r"unknown \['nope'\]"):
+  with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
     pipeline.phatgoose_pipeline(run_dir=run_dir, methods=["phatgoose", "nope"])
   with pytest.raises(ConfigError, match="pretrain_steps=0 needs init_from"):
     pipeline.phatgoose_pipeline(run_dir=run_dir)
   with pytest.raises(ConfigError, match="needs pretrain_mixture"):
     pipeline.phatgoose_pipeline(run_dir=run_dir, pretrain_steps=2)
   with pytest.raises(ConfigError, match="'synthetic_copy' has no expert of its own"):
-    pipeline._oracle_expert("synthetic_copy", ["synthetic_sort"])  # pylint: disable=protected-access
+    oracle.oracle_expert("synthetic_copy", ["synthetic_sort"])
 
 
 def test_seed_tables_hold_the_mean_and_spread():

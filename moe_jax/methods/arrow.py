@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.errors import MismatchError
+from moe_jax.methods.registry import Experts, Method, register
+from moe_jax.models.routers import Arrow
 
 Params = dict[str, Any]
 
@@ -81,3 +83,11 @@ def arrow_routers(moe_tree: Params) -> Params:
     routers[path + ("router",)] = np.asarray(
         arrow_prototypes(np.asarray(flat[path + ("lora_a",)]), np.asarray(flat[path + ("lora_b",)])), np.float32)
   return flax.traverse_util.unflatten_dict(routers)
+
+
+@register("arrow")
+def build_arrow(experts: Experts) -> Method:
+  """Every expert behind the Arrow router, its prototypes cached in the library."""
+  routers = experts.per_expert_routers("arrow_prototypes", {}, lambda i, task: arrow_routers(
+      jax.tree.map(np.asarray, experts.one_expert(i))))
+  return experts.routed(Arrow(k=experts.top_k), routers)

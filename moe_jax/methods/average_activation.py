@@ -27,7 +27,9 @@ import numpy as np
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig
 from moe_jax.models.lora import Linear, has_experts, module_path
-from moe_jax.models.routers import Uniform
+from moe_jax.models.routers import Phatgoose, Uniform
+from moe_jax.evaluation.scoring import batch_rows
+from moe_jax.methods.registry import Experts, Method, register
 from moe_jax.models import interface
 from moe_jax.models.interface import build_model
 from moe_jax.training import partitioning as part
@@ -133,3 +135,22 @@ def average_activation_routers(config: Any, backbone: Params, moe_tree: Params,
                                                                           max_examples)))
   return flax.traverse_util.unflatten_dict(
       {key: np.concatenate([routers[key] for routers in per_expert]) for key in per_expert[0]})
+
+
+@register("average_activation")
+def build_average_activation(experts: Experts) -> Method:
+  """Every expert behind PHATGOOSE's router with Average Activation vectors instead of trained gates, each
+  expert's computed on unpacked examples of its own task (a packed row would mix tasks' positions in one mean)
+  and cached in the library."""
+  from moe_jax.data.pipeline import train_batches  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
+  decoder_only = interface.is_decoder_only(experts.config)
+  settings = {"max_examples": experts.activation_examples, "feature_lengths": dict(experts.lengths), "pack": False}
+
+  def compute(i: int, task: str) -> Params:
+    batches = train_batches(task, experts.lengths, batch_rows(32), seed=0, pack=False, decoder_only=decoder_only)
+    return average_activations(experts.config, experts.backbone, experts.one_expert(i), batches,
+                               experts.activation_examples)
+
+  routers = experts.per_expert_routers("average_activation", settings, compute)
+  return experts.routed(Phatgoose(k=experts.top_k), routers)

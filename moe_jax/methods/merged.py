@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.models import experts as ex
+from moe_jax.methods.registry import Experts, Method, register
+from moe_jax.models.interface import build_model
 from moe_jax.models.config import T5Config
 
 Params = dict[str, Any]
@@ -125,3 +127,17 @@ def _average(factor: jax.Array, w: jax.Array) -> jax.Array:
   """[E, ...] -> [1, ...] sum_i w_i factor_i, in float32, cast back to the factor's dtype."""
   return jnp.einsum("e,e...->...", w, factor.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)[None].astype(factor.dtype)
+
+
+@register("merged")
+def build_merged(experts: Experts) -> Method:
+  """The paper's Merged Experts: W + mean_i A_i B_i / r, kept apart from W under bf16."""
+  config, params = merged_experts(experts.config, experts.backbone, experts.moe_tree)
+  return experts.method(build_model(config), params)
+
+
+@register("merged_factors")
+def build_merged_factors(experts: Experts) -> Method:
+  """PHATGOOSE's released average_lora_weights and MTTL's uniform merge: the mean A and the mean B, one LoRA."""
+  return experts.method(build_model(experts.config, experts.single()),
+                        ex.merge(experts.backbone, average_factors(experts.moe_tree)))

@@ -25,11 +25,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
+import jax
 import numpy as np
 
 from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.methods import merged
 from moe_jax.models import experts as ex
+from moe_jax.methods.registry import Experts, Method, register
+from moe_jax.models.interface import build_model
 from moe_jax.models.config import T5Config
 
 Params = dict[str, Any]
@@ -168,3 +171,10 @@ def ties_merge_experts(moe_tree: Params, keep: float = 0.2) -> Params:
   This is TIES on the factors, as MTTL does it; it is not TIES on the updates A_i B_i (which would trim, elect and
   average the [d_in, d_out] products), and the merged A and B do not multiply to any average of updates."""
   return unflatten_expert(ties_merge(flatten_experts(moe_tree), keep), moe_tree)
+
+
+@register("ties")
+def build_ties(experts: Experts) -> Method:
+  """TIES on each expert's flattened factors (top 20% kept, sign election, disjoint mean), one LoRA."""
+  merged = ties_merge_experts(jax.tree.map(np.asarray, experts.moe_tree))
+  return experts.method(build_model(experts.config, experts.single()), ex.merge(experts.backbone, merged))

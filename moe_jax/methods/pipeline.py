@@ -13,15 +13,12 @@ an interrupted pipeline picks up where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax
-import flax.linen as nn
 import gin
 import jax
 import numpy as np
@@ -32,15 +29,14 @@ from tqdm.auto import tqdm
 from moe_jax import fs
 from moe_jax.checkpoints import identity
 from moe_jax.errors import ConfigError, MismatchError
-from moe_jax.evaluation.scoring import batch_rows, pad_tokens
-from moe_jax.methods import arrow, average_activation, merged, merging, retrieval
 from moe_jax.data import vocab
+from moe_jax.methods import registry
 from moe_jax.library import Expert, ExpertInfo, ExpertLibrary, make_expert
 from moe_jax.methods.routing import (comparison_markdown, diagnostics_markdown, router_agreement,
                                     routing_diagnostics, routing_shares, skill_of)
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
-from moe_jax.models.routers import Arrow, Fixed, Phatgoose, Uniform
+from moe_jax.models.routers import Uniform
 from moe_jax.models.interface import build_model
 from moe_jax.plots import plot_routing, plot_routing_diagnostics, task_label
 from moe_jax.progress import JobProgress
@@ -49,19 +45,9 @@ from moe_jax.training import loop
 from moe_jax.training import partitioning as part
 from moe_jax.training.backbone import check_same
 
-METHODS = ("multitask", "merged", "merged_factors", "ties", "uniform", "phatgoose", "average_activation", "arrow",
-           "retrieval", "oracle")
+METHODS = registry.available()
 # The score reported per task: the first of these its metric functions give (rank classification gives accuracy).
 PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
-
-
-@dataclasses.dataclass
-class Method:
-  """What one method evaluates: a model, its parameters and, for per-example routing, the routing ids."""
-
-  model: nn.Module
-  params: Any
-  routing_ids_fn: Callable[[str, Sequence[dict]], Sequence[int]] | None = None
 
 
 @gin.configurable(denylist=["gin_config_str"])
@@ -108,9 +94,7 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
       phatgoose_pipeline(**{**arguments, "run_dir": seed_dir, "seeds": None, "seed": s,
                             "library": None if library is None else _seed_library(library, s)})
     return write_seed_tables(run_dir, [fs.join(run_dir, f"seed_{s}") for s in seeds], expert_tasks)
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown:
-    raise ConfigError(f"phatgoose_pipeline.methods: unknown {unknown}; expected some of {METHODS}")
+  registry.check(methods, "phatgoose_pipeline.methods")
   config = model_config or T5Config()
   eval_tasks = list(eval_tasks or (demo.EVAL_TASKS if expert_tasks == list(demo.EXPERT_TASKS) else expert_tasks))
   lengths = dict(feature_lengths or synthetic.FEATURE_LENGTHS)
@@ -248,112 +232,29 @@ def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequ
   return write_table(mean, tasks, run_dir, expert_tasks, appendix)
 
 
-def build_methods(names: Sequence[str], config: T5Config, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
+def build_methods(names: Sequence[str], config: Any, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
                   top_k: int, experts: ExpertConfig | None, activation_examples: int, retrieval_examples: int,
                   lengths: Mapping[str, int], mesh: Mesh, rules: part.Rules, multitask: Any = None,
-                  expert_library: ExpertLibrary | None = None) -> dict[str, Method]:
-  """The model/params/routing of each method on the same backbone and experts (`multitask`: the multitask
-  method's parameters, if not the backbone's), run inside `partitioning.activate(mesh, rules)`.
+                  expert_library: ExpertLibrary | None = None) -> dict[str, registry.Method]:
+  """The model/params/routing of each named method (`moe_jax.methods.registry`) on the same backbone and experts
+  (`multitask`: the multitask method's parameters, if not the backbone's), run inside
+  `partitioning.activate(mesh, rules)`. With `expert_library` (holding expert i under the name `expert_tasks[i]`),
+  the methods' auxiliary data is read from it when it has them for these settings, computed and stored otherwise.
 
-  With `expert_library` (holding expert i under the name `expert_tasks[i]`), each expert's average activations
-  and retrieval embeddings are auxiliary data: read from the library when it has them for these settings,
-  computed and stored otherwise.
-
-  Every method's parameters are placed once, as the rules shard its model (`partitioning.place`): the MoE tree
-  (host NumPy from the file) goes onto the mesh before anything is built from it, so merges, Average Activation
-  and retrieval compute on the devices, and scoring never uploads a tree per batch. Methods on the same expert
-  tree share its arrays.
+  The backbone and the experts are placed once, as the rules shard the model (`partitioning.place`): the MoE tree
+  (host NumPy) goes onto the mesh before anything is built from it, so merges, Average Activation and retrieval
+  compute on the devices, and scoring never uploads a tree per batch. Methods on the same expert tree share its
+  arrays.
   """
-  from moe_jax.data.pipeline import mixture_examples, train_batches  # pylint: disable=g-import-not-at-top
-
-  modules, num, rank = ex.layout(moe_tree)  # the layout comes from the MoE file, not from gin
-  layout = lambda router: ex.layout_config(modules, num, rank, dataclasses.replace(experts or ExpertConfig(),
-                                                                                   router=router))
-  method = lambda model, params, routing_ids_fn=None: Method(model, part.place(model, params, mesh, rules),
-                                                             routing_ids_fn)
-  one = ex.layout_config(modules, 1, rank, dataclasses.replace(experts or ExpertConfig(), router=Uniform()))
-  with_experts = part.place(build_model(config, layout(Uniform())), ex.merge(backbone, moe_tree), mesh, rules)
+  registry.check(names, "phatgoose_pipeline.methods")
+  modules, num, rank = ex.layout(moe_tree)  # the layout comes from the experts, not from gin
+  base = experts or ExpertConfig()
+  everything = ex.layout_config(modules, num, rank, dataclasses.replace(base, router=Uniform()))
+  with_experts = part.place(build_model(config, everything), ex.merge(backbone, moe_tree), mesh, rules)
   backbone, moe_tree = ex.split(with_experts)  # both on the mesh now
-  built: dict[str, Method] = {}
-  for name in names:
-    if name == "multitask":
-      built[name] = method(build_model(config), backbone if multitask is None else multitask)
-    elif name == "merged":  # the paper's Merged Experts: W + mean_i B_i A_i / r, kept apart from W under bf16
-      merged_config, params = merged.merged_experts(config, backbone, moe_tree)
-      built[name] = method(build_model(merged_config), params)
-    elif name == "merged_factors":  # the released code's average_lora_weights (MTTL's uniform): mean A, mean B
-      built[name] = method(build_model(config, one), ex.merge(backbone, merged.average_factors(moe_tree)))
-    elif name == "ties":  # TIES on each expert's flattened factors (top 20% kept, sign election, disjoint mean)
-      built[name] = method(build_model(config, one), ex.merge(backbone, merging.ties_merge_experts(
-          jax.tree.map(np.asarray, moe_tree))))
-    elif name == "uniform":
-      built[name] = method(build_model(config, layout(Uniform())), with_experts)
-    elif name == "phatgoose":
-      built[name] = method(build_model(config, layout(Phatgoose(k=top_k))), with_experts)
-    elif name == "average_activation":  # unpacked examples: a packed row would mix tasks' positions in one mean
-      settings = {"max_examples": activation_examples, "feature_lengths": dict(lengths), "pack": False}
-
-      def activations(i: int, task: str) -> dict[str, np.ndarray]:
-        one = jax.tree.map(lambda x: x[i:i + 1], moe_tree)
-        batches = train_batches(task, lengths, batch_rows(32), seed=0, pack=False)
-        routers = average_activation.average_activations(config, backbone, one, batches, activation_examples)
-        return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(routers).items()}
-
-      per_expert = [_auxiliary(expert_library, task, "average_activation", {**settings, "task": task},
-                               functools.partial(activations, i, task)) for i, task in enumerate(expert_tasks)]
-      routers = flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
-                                                   for k in per_expert[0]})
-      built[name] = method(build_model(config, layout(Phatgoose(k=top_k))), ex.merge(with_experts, routers))
-    elif name == "arrow":  # MTTL's Arrow: each expert's top singular direction as its router vector, |<x, u>|
-      per_expert = [_auxiliary(expert_library, task, "arrow_prototypes", {}, lambda i=i: {
-          "/".join(k): v for k, v in flax.traverse_util.flatten_dict(
-              arrow.arrow_routers(jax.tree.map(lambda x: np.asarray(x[i:i + 1]), moe_tree))).items()})
-                    for i, task in enumerate(expert_tasks)]
-      routers = flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
-                                                   for k in per_expert[0]})
-      built[name] = method(build_model(config, layout(Arrow(k=top_k))), ex.merge(with_experts, routers))
-    elif name == "retrieval":
-      embed = _fixed_shape(retrieval.prompt_mean_embedder(config, backbone), lengths["inputs"], batch_rows(32))
-      settings = {"max_examples": retrieval_examples, "feature_lengths": dict(lengths),
-                  "embedder": "backbone prompt mean", "backbone": identity.weights_checksum(backbone)}
-      stored = [_auxiliary(expert_library, t, "retrieval_embeddings", {**settings, "task": t}, lambda t=t: {
-          "embeddings": embed(embed.tokens(mixture_examples(t, "train", lengths, retrieval_examples)))})["embeddings"]
-                for t in expert_tasks]
-      index = retrieval.RetrievalIndex.from_embeddings(embed, stored)
-      route = lambda task, examples: index.route_tokens(embed.tokens(examples))
-      built[name] = method(build_model(config, layout(Fixed())), with_experts, route)
-    elif name == "oracle":
-      ids = lambda task, examples: [_oracle_expert(task, expert_tasks)] * len(examples)
-      built[name] = method(build_model(config, layout(Fixed())), with_experts, ids)
-  return built
-
-
-def _auxiliary(expert_library: ExpertLibrary | None, name: str, method: str, params: Mapping[str, Any],
-               compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """The library's auxiliary data (`ExpertLibrary.auxiliary`), or just `compute()` without a library."""
-  return dict(compute()) if expert_library is None else expert_library.auxiliary(name, method, params, compute)
-
-
-class _fixed_shape:  # pylint: disable=invalid-name
-  """An embedding function called on fixed [batch, length] blocks (no recompiles for every query count)."""
-
-  def __init__(self, embed: Callable[[np.ndarray], np.ndarray], length: int, batch: int):
-    self.embed, self.length, self.batch = embed, length, batch
-
-  def tokens(self, examples: Sequence[dict]) -> np.ndarray:
-    return pad_tokens([e["inputs"] for e in examples], self.length)
-
-  def __call__(self, tokens: np.ndarray) -> np.ndarray:
-    n = len(tokens)
-    padded = np.concatenate([tokens, np.repeat(tokens[:1], -n % self.batch, axis=0)])
-    return np.concatenate([self.embed(padded[i:i + self.batch]) for i in range(0, len(padded), self.batch)])[:n]
-
-
-def _oracle_expert(task: str, expert_tasks: Sequence[str]) -> int:
-  if skill_of(task) not in expert_tasks:
-    raise ConfigError(f"oracle routing: evaluation task {task!r} has no expert of its own (experts: "
-                      f"{list(expert_tasks)[:5]}...); leave 'oracle' out of phatgoose_pipeline.methods")
-  return list(expert_tasks).index(skill_of(task))
+  shared = registry.Experts(config, backbone, moe_tree, with_experts, tuple(expert_tasks), top_k, base, lengths,
+                            mesh, rules, multitask, expert_library, activation_examples, retrieval_examples)
+  return registry.build(names, shared)
 
 
 def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any, dict[str, Any]],

@@ -16,7 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.checkpoints import identity
+from moe_jax.evaluation.scoring import batch_rows, pad_tokens
+from moe_jax.methods.registry import Experts, Method, register
 from moe_jax.models import interface
+from moe_jax.models.routers import Fixed
 from moe_jax.models.interface import build_model
 from moe_jax.models.t5 import Transformer
 from moe_jax.training import partitioning as part
@@ -101,3 +105,37 @@ class RetrievalIndex:
   def route_tokens(self, tokens: np.ndarray) -> np.ndarray:
     """`route` of a token batch embedded with this index's `embed_fn`: the model call's `routing_ids`."""
     return self.route(self.embed_fn(tokens))
+
+
+class FixedShapeEmbedder:
+  """An embedding function called on fixed [batch, length] blocks (no recompiles for every query count)."""
+
+  def __init__(self, embed: EmbedFn, length: int, batch: int):
+    self.embed, self.length, self.batch = embed, length, batch
+
+  def tokens(self, examples: Sequence[dict]) -> np.ndarray:
+    return pad_tokens([e["inputs"] for e in examples], self.length)
+
+  def __call__(self, tokens: np.ndarray) -> np.ndarray:
+    n = len(tokens)
+    padded = np.concatenate([tokens, np.repeat(tokens[:1], -n % self.batch, axis=0)])
+    return np.concatenate([self.embed(padded[i:i + self.batch]) for i in range(0, len(padded), self.batch)])[:n]
+
+
+@register("retrieval")
+def build_retrieval(experts: Experts) -> Method:
+  """One expert per example: the one whose stored training inputs (embedded by the backbone, cached in the
+  library) its input most resembles."""
+  from moe_jax.data.pipeline import mixture_examples  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
+  embed = FixedShapeEmbedder(prompt_mean_embedder(experts.config, experts.backbone), experts.lengths["inputs"],
+                             batch_rows(32))
+  settings = {"max_examples": experts.retrieval_examples, "feature_lengths": dict(experts.lengths),
+              "embedder": "backbone prompt mean", "backbone": identity.weights_checksum(experts.backbone)}
+  stored = [experts.auxiliary(task, "retrieval_embeddings", {**settings, "task": task}, lambda task=task: {
+      "embeddings": embed(embed.tokens(mixture_examples(task, "train", experts.lengths,
+                                                        experts.retrieval_examples)))})["embeddings"]
+            for task in experts.expert_tasks]
+  index = RetrievalIndex.from_embeddings(embed, stored)
+  route = lambda task, examples: index.route_tokens(embed.tokens(examples))
+  return experts.method(build_model(experts.config, experts.layout(Fixed())), experts.with_experts, route)

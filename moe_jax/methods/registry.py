@@ -1,0 +1,136 @@
+"""Methods by name: every routing or merging method is a builder registered here from its own module, so adding a
+method is one file (or one function in the module whose math it uses) and nothing else.
+
+A builder takes the `Experts` every method shares (the backbone and the stacked experts, placed on the mesh once,
+the expert tasks, the settings) and returns a `Method`: the model to score with, its parameters and, for methods
+that route a whole example, the routing ids of each example. Auxiliary data a method derives per expert
+(average activations, Arrow prototypes, retrieval embeddings) goes through `Experts.auxiliary`, which keeps it in
+the expert library, keyed by the method's parameters, when there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from moe_jax.errors import ConfigError
+from moe_jax.models import experts as ex
+from moe_jax.models.config import ExpertConfig
+from moe_jax.models.interface import build_model
+from moe_jax.models.routers import Router, Uniform
+from moe_jax.training import partitioning as part
+
+# The modules whose builders make up the methods moe_jax ships, in the order results tables list them.
+BUILTIN = ("moe_jax.methods.baselines", "moe_jax.methods.merged", "moe_jax.methods.merging",
+           "moe_jax.methods.phatgoose", "moe_jax.methods.average_activation", "moe_jax.methods.arrow",
+           "moe_jax.methods.retrieval", "moe_jax.methods.oracle")
+
+
+@dataclasses.dataclass
+class Method:
+  """What one method evaluates: a model, its parameters and, for per-example routing, the routing ids."""
+
+  model: nn.Module
+  params: Any
+  routing_ids_fn: Callable[[str, Sequence[dict]], Sequence[int]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+  """What every method builds from, inside `partitioning.activate(mesh, rules)`: `backbone`, `moe_tree` (expert i
+  trained on `expert_tasks[i]`, named so in `library`) and `with_experts` (both together) already on the mesh."""
+
+  config: Any
+  backbone: Any
+  moe_tree: Any
+  with_experts: Any
+  expert_tasks: tuple[str, ...]
+  top_k: int
+  base: ExpertConfig
+  lengths: Mapping[str, int]
+  mesh: Mesh
+  rules: part.Rules
+  multitask: Any = None
+  library: Any = None  # an ExpertLibrary
+  activation_examples: int = 1000
+  retrieval_examples: int = 1000
+
+  def layout(self, router: Router) -> ExpertConfig:
+    """Every expert, routed by `router` (the layout comes from the experts, not from gin)."""
+    modules, num, rank = ex.layout(self.moe_tree)
+    return ex.layout_config(modules, num, rank, dataclasses.replace(self.base, router=router))
+
+  def single(self) -> ExpertConfig:
+    """One (merged) expert on the experts' modules."""
+    modules, _, rank = ex.layout(self.moe_tree)
+    return ex.layout_config(modules, 1, rank, dataclasses.replace(self.base, router=Uniform()))
+
+  def method(self, model: nn.Module, params: Any, routing_ids_fn: Callable | None = None) -> Method:
+    """A Method with its parameters placed as the rules shard `model` (arrays already there stay put)."""
+    return Method(model, part.place(model, params, self.mesh, self.rules), routing_ids_fn)
+
+  def routed(self, router: Router, routers: Any = None) -> Method:
+    """Every expert behind `router`, with `routers` (a {module: {"router": [E, d_in]}} tree) replacing the
+    experts' router vectors when given."""
+    params = self.with_experts if routers is None else ex.merge(self.with_experts, routers)
+    return self.method(build_model(self.config, self.layout(router)), params)
+
+  def auxiliary(self, task: str, method: str, params: Mapping[str, Any],
+                compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The expert's stored auxiliary data (`ExpertLibrary.auxiliary`), or just `compute()` without a library."""
+    return dict(compute()) if self.library is None else self.library.auxiliary(task, method, params, compute)
+
+  def one_expert(self, i: int) -> Any:
+    return jax.tree.map(lambda x: x[i:i + 1], self.moe_tree)
+
+  def per_expert_routers(self, method: str, params: Mapping[str, Any],
+                         compute: Callable[[int, str], Any]) -> Any:
+    """Router vectors of every expert, each `compute(i, task)` (a {module: {"router": [1, d_in]}} tree) or the
+    library's copy, stacked on the expert axis."""
+    flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+    per_expert = [self.auxiliary(task, method, {**params, "task": task}, lambda i=i, task=task: flat(compute(i, task)))
+                  for i, task in enumerate(self.expert_tasks)]
+    return flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
+                                              for k in per_expert[0]})
+
+
+Builder = Callable[[Experts], Method]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+  """Decorator: `@register("arrow") def build_arrow(experts: Experts) -> Method`."""
+  def add(builder: Builder) -> Builder:
+    if name in _BUILDERS and _BUILDERS[name] is not builder:
+      raise ValueError(f"method {name!r} is registered twice")
+    _BUILDERS[name] = builder
+    return builder
+  return add
+
+
+def available() -> tuple[str, ...]:
+  """Every registered method name (the built-in ones first, in table order)."""
+  for module in BUILTIN:
+    importlib.import_module(module)
+  place = lambda name: BUILTIN.index(_BUILDERS[name].__module__) if _BUILDERS[name].__module__ in BUILTIN else len(
+      BUILTIN)
+  return tuple(sorted(_BUILDERS, key=place))  # stable: a module's own methods keep their order
+
+
+def check(names: Sequence[str], where: str) -> None:
+  unknown = sorted(set(names) - set(available()))
+  if unknown:
+    raise ConfigError(f"{where}: unknown method(s) {unknown}; expected some of {list(available())}")
+
+
+def build(names: Sequence[str], experts: Experts) -> dict[str, Method]:
+  check(names, "methods")
+  return {name: _BUILDERS[name](experts) for name in names}
