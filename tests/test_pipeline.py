@@ -77,6 +77,29 @@ def _experts_live_in_the_library(run_dir):
   _run_pipeline(run_dir)
   assert not (run_dir / "experts").exists() and not (run_dir / "gates").exists()  # nothing retrained
   assert json.load(open(run_dir / "results.json")) == before
+  _model_based_clustering(run_dir, library)
+
+
+def _model_based_clustering(run_dir, library):
+  """gin/mbc.gin's job on the pipeline's library: one cluster of both experts, one expert trained on the union of
+  their tasks from their backbone, written as a new library."""
+  from moe_jax.library import ExpertLibrary
+  from moe_jax.methods.mbc_job import mbc_experts
+
+  gin.clear_config()
+  gin.bind_parameter("train.batch_size", 8)
+  try:
+    output = mbc_experts(library=library.uri, output_library=str(run_dir / "mbc_library"), run_dir=str(run_dir / "mbc"),
+                         k=1, expert_steps=2, gate_steps=1, model_config=TINY, experts=ExpertConfig(rank=4),
+                         feature_lengths=synthetic.FEATURE_LENGTHS)
+  finally:
+    gin.clear_config()
+  clustered = ExpertLibrary(output, read_only=True)
+  assert clustered.names() == ["mbc_cluster_0"]
+  info = clustered.info("mbc_cluster_0")
+  assert info.tasks == ("synthetic_reverse", "synthetic_sort") and "mbc" in info.tags
+  assert info.parent == "synthetic_reverse,synthetic_sort"
+  assert info.backbone["weights"] == library.info("synthetic_sort").backbone["weights"]
 
 
 def _uniform_equals_merged(run_dir):

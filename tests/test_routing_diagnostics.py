@@ -116,10 +116,12 @@ def test_router_agreement_is_the_correlation_of_the_vectors():
 
 def test_comparison_markdown(diagnostics):
   other = routing_diagnostics({k: v[:, ::-1] for k, v in SHARES.items()}, TASKS, EXPERTS, top_k=2)
-  text = comparison_markdown(["phatgoose", "average_activation"], [diagnostics, other], ["synthetic_a"],
-                             {ENCODER: np.array([0.5, 0.3, 0.1]), MLP: np.array([1.0, 1.0, 1.0])})
+  text = comparison_markdown(["phatgoose", "average_activation", "arrow"], [diagnostics, other, other], ["synthetic_a"],
+                             {"average_activation": {ENCODER: np.array([0.5, 0.3, 0.1]), MLP: np.array([1.0, 1.0, 1.0])},
+                              "arrow": {MLP: np.array([0.2, 0.2, 0.2])}})
   # synthetic_a's own expert is 0: encoder side (ENCODER, CROSS_KEY) 0.75, 0.5; decoder side (MLP) 0.5
   assert "| phatgoose | 62.5 | 50.0 | 58.3 |" in text
   # reversed columns: expert 0 gets what expert 2 got: 0.25/2, 1/2 | 0.5/2
   assert "| average_activation | 31.2 | 25.0 | 29.2 |" in text
-  assert "encoder 0.30, decoder 1.00, all 0.65" in text
+  assert "its average_activation vector: encoder 0.30, decoder 1.00, all 0.65" in text
+  assert "| arrow | 31.2 | 25.0 | 29.2 |" in text and "its arrow vector: encoder n/a, decoder 0.20, all 0.20" in text

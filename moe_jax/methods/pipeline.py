@@ -311,13 +311,14 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
       diagnostics = routing_diagnostics(shares, eval_tasks, expert_tasks, top_k)
       appendix = diagnostics_markdown(diagnostics, table, eval_tasks)
     heldin = [t for t in expert_tasks if t in eval_tasks]
-    if shares is not None and "average_activation" in built and heldin:  # did gates find more than the mean input?
-      average = built["average_activation"]
+    # Did the gates find more than the other per-token routers (the mean input, Arrow's prototypes)?
+    others = [name for name, m in built.items() if name != "phatgoose" and _routes_tokens(m)]
+    if shares is not None and others and heldin:
       appendix += "\n" + comparison_markdown(
-          ["phatgoose", "average_activation"],
-          [diagnostics, routing_diagnostics(routing_shares(average.model, average.params, heldin, split, lengths,
-                                                           max_examples), heldin, expert_tasks, top_k)],
-          heldin, router_agreement(built["phatgoose"].params, average.params))
+          ["phatgoose", *others],
+          [diagnostics] + [routing_diagnostics(routing_shares(built[n].model, built[n].params, heldin, split, lengths,
+                                                max_examples), heldin, expert_tasks, top_k) for n in others],
+          heldin, {n: router_agreement(built["phatgoose"].params, built[n].params) for n in others})
   path = write_table(table, eval_tasks, run_dir, expert_tasks, appendix)
   if shares is not None and jax.process_index() == 0:  # every process computes (the arrays span them all); one writes
     plot_routing_diagnostics(diagnostics, list(eval_tasks), fs.join(run_dir, "routing_diagnostics.png"))
@@ -329,6 +330,12 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
     plot_routing(shares, list(eval_tasks), [task_label(t) for t in expert_tasks],
                  fs.join(run_dir, "routing.png"))
   return path
+
+
+def _routes_tokens(method: registry.Method) -> bool:
+  """Whether a method routes every token by router vectors (PHATGOOSE, Average Activation, Arrow)."""
+  router = getattr(getattr(method.model, "experts", None), "router", None)
+  return bool(getattr(router, "uses_vectors", False)) and method.routing_ids_fn is None
 
 
 def primary_metric(metrics: Mapping[str, float]) -> float:

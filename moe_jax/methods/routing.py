@@ -206,16 +206,18 @@ def router_agreement(params_a: Any, params_b: Any) -> dict[str, np.ndarray]:
 
 
 def comparison_markdown(names: Sequence[str], diagnostics: Sequence[Diagnostics], heldin: Sequence[str],
-                        agreement: Mapping[str, np.ndarray]) -> str:
+                        agreements: Mapping[str, Mapping[str, np.ndarray]]) -> str:
   """A results.md section comparing routers: each one's own-expert share over the held-in tasks per side, and the
-  mean correlation of their router vectors per side."""
+  mean correlation of each other router's vectors with the first one's (`agreements[name]`) per side."""
   sides = ("encoder", "decoder", "all")
   rows = ["| router | " + " | ".join(f"own share, {s} (%)" for s in sides) + " |", "|---|---|---|---|"]
   for name, d in zip(names, diagnostics):
     rows.append(f"| {name} | " + " | ".join(
         _cell(100 * _mean([d["summary"][s]["own_share"][t] for t in heldin]), ".1f") for s in sides) + " |")
-  correlation = {s: _mean([float(np.mean(v)) for p, v in agreement.items()
-                           if s == "all" or (s == "encoder") == reads_encoder_positions(p)]) for s in sides}
-  return ("## Routers compared on the held-in tasks\n\n" + "\n".join(rows) + "\n\nMean correlation of each "
-          f"expert's {names[0]} router vector with its {names[1]} vector: " + ", ".join(
-              f"{s} {_cell(correlation[s], '.2f')}" for s in sides) + ".\n")
+  lines = []
+  for name, agreement in agreements.items():
+    correlation = {s: _mean([float(np.mean(v)) for p, v in agreement.items()
+                             if s == "all" or (s == "encoder") == reads_encoder_positions(p)]) for s in sides}
+    lines.append(f"Mean correlation of each expert's {names[0]} router vector with its {name} vector: " + ", ".join(
+        f"{s} {_cell(correlation[s], '.2f')}" for s in sides) + ".")
+  return "## Routers compared on the held-in tasks\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n"
