@@ -77,7 +77,22 @@ def _experts_live_in_the_library(run_dir):
   _run_pipeline(run_dir)
   assert not (run_dir / "experts").exists() and not (run_dir / "gates").exists()  # nothing retrained
   assert json.load(open(run_dir / "results.json")) == before
+  _evaluate_methods_over_the_library(run_dir, library, before)
   _model_based_clustering(run_dir, library)
+
+
+def _evaluate_methods_over_the_library(run_dir, library, pipeline_results):
+  """`python -m moe_jax.evaluate` with methods by name over the pipeline's library: the pipeline's scores."""
+  from moe_jax.evaluation import runner
+
+  methods = ["phatgoose", "arrow", "ties", "oracle"]
+  table = runner.evaluate(output_dir=str(run_dir / "evaluate_methods"), tasks=["synthetic_sort",
+                                                                             "synthetic_reverse_heldout"],
+                          model_config=TINY, experts=ExpertConfig(rank=4), init_from=str(run_dir / "backbone"),
+                          library=library.uri, methods=methods, top_k=1, feature_lengths=synthetic.FEATURE_LENGTHS,
+                          max_examples=8, batch_size=8)
+  assert {m: table[m] for m in methods} == {m: pipeline_results["tasks"][m] for m in methods}
+  assert "| arrow |" in open(run_dir / "evaluate_methods" / "results.md").read()
 
 
 def _model_based_clustering(run_dir, library):

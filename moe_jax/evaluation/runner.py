@@ -43,13 +43,17 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
              model_config: T5Config | None = None, experts: ExpertConfig | None = None, init_from: str | None = None,
              expert_from: Sequence[str] = (), library: str | None = None,
              library_experts: Sequence[str] | None = None, library_tags: Sequence[str] | None = None,
-             batch_size: int = 32, feature_lengths: Mapping[str, int] | None = None, mode: str = "auto",
+             methods: Sequence[str] | None = None, top_k: int = 2, batch_size: int = 32, feature_lengths: Mapping[str, int] | None = None, mode: str = "auto",
              length_normalize: bool = True, max_examples: int | None = None,
              gin_config_str: str = "") -> dict[str, dict[str, float]]:
   """Evaluate the backbone from `init_from`, with experts routed by `experts.router`, on every task of `tasks`
   (mixtures expand to their tasks). The experts: those of `expert_from` (expert or concatenated MoE files) stacked
   in order, or those of the expert library at `library` (a URI): `library_experts` in that order, else all of
-  them, keeping those tagged with every one of `library_tags`."""
+  them, keeping those tagged with every one of `library_tags`.
+
+  `methods` (names from `moe_jax.methods.registry`, with `library`): every method on those experts instead, in one
+  table (`output_dir/results.md`, as the PHATGOOSE pipeline writes it); expert i counts as trained on its first
+  task (or its name) for the oracle and the methods that read an expert's data. Returns {method: {task: score}}."""
   config = model_config or T5Config()
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone_shardings = part.logical_shardings(part.abstract_params(build_model(config)), mesh, rules)
@@ -58,6 +62,11 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
   layout = None
   if expert_from and library:
     raise ConfigError("evaluate: give expert_from (expert files) or library (an expert library), not both")
+  if methods:
+    if not library:
+      raise ConfigError("evaluate.methods needs evaluate.library: the methods route or merge a library's experts")
+    return _evaluate_methods(output_dir, tasks, split, config, experts, backbone, library, library_experts,
+                             library_tags, methods, top_k, batch_size, feature_lengths, max_examples, gin_config_str)
   if library:
     from moe_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
     chosen = ExpertLibrary(library, read_only=True)
@@ -74,6 +83,31 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
   with vocab.using(backbone.vocabulary):
     return _evaluate(model, params, tasks, output_dir, split, batch_size, feature_lengths, mode, length_normalize,
                      max_examples, gin_config_str, config, backbone.vocabulary, mesh, rules)
+
+
+def _evaluate_methods(output_dir: str, tasks: Sequence[str], split: str, config: Any, experts: ExpertConfig | None,
+                      backbone: Backbone, library: str, names: Sequence[str] | None, tags: Sequence[str] | None,
+                      methods: Sequence[str], top_k: int, batch_size: int, feature_lengths: Mapping[str, int] | None,
+                      max_examples: int | None, gin_config_str: str) -> dict[str, dict[str, float]]:
+  """`evaluate` with `methods`: the PHATGOOSE pipeline's evaluation of the chosen library experts."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from moe_jax.library import ExpertLibrary  # pylint: disable=g-import-not-at-top
+  from moe_jax.methods import pipeline  # pylint: disable=g-import-not-at-top
+
+  chosen = ExpertLibrary(library, read_only=True)  # auxiliary data is read, computed when absent, never written
+  selected = chosen.select(names, tags)
+  moe = chosen.stack(selected)
+  expert_tasks = [chosen.info(n).task or n for n in selected]
+  if jax.process_index() == 0 and gin_config_str:
+    fs.write_text(fs.join(output_dir, "config.gin"), gin_config_str)
+  lengths = dict(feature_lengths or {"inputs": 512, "targets": 128})
+  with vocab.using(backbone.vocabulary):
+    pipeline.evaluate_methods(output_dir, config, backbone, moe, expert_tasks, list(tasks), list(methods), top_k,
+                              experts, split, max_examples, 1000, 1000, batch_size, lengths, None, chosen)
+  if jax.process_index() != 0:  # process 0 wrote the table
+    return {}
+  return json.loads(fs.read_text(fs.join(output_dir, "results.json")))["tasks"]
 
 
 def _evaluate(model: nn.Module, params: Any, tasks: Sequence[str], output_dir: str, split: str, batch_size: int,

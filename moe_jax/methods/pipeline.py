@@ -235,10 +235,12 @@ def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequ
 def build_methods(names: Sequence[str], config: Any, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
                   top_k: int, experts: ExpertConfig | None, activation_examples: int, retrieval_examples: int,
                   lengths: Mapping[str, int], mesh: Mesh, rules: part.Rules, multitask: Any = None,
-                  expert_library: ExpertLibrary | None = None) -> dict[str, registry.Method]:
+                  expert_library: ExpertLibrary | None = None,
+                  expert_names: Sequence[str] = ()) -> dict[str, registry.Method]:
   """The model/params/routing of each named method (`moe_jax.methods.registry`) on the same backbone and experts
   (`multitask`: the multitask method's parameters, if not the backbone's), run inside
-  `partitioning.activate(mesh, rules)`. With `expert_library` (holding expert i under the name `expert_tasks[i]`),
+  `partitioning.activate(mesh, rules)`. With `expert_library` (holding expert i under the name `expert_names[i]`,
+  default `expert_tasks[i]`),
   the methods' auxiliary data is read from it when it has them for these settings, computed and stored otherwise.
 
   The backbone and the experts are placed once, as the rules shard the model (`partitioning.place`): the MoE tree
@@ -253,7 +255,8 @@ def build_methods(names: Sequence[str], config: Any, backbone: Any, moe_tree: An
   with_experts = part.place(build_model(config, everything), ex.merge(backbone, moe_tree), mesh, rules)
   backbone, moe_tree = ex.split(with_experts)  # both on the mesh now
   shared = registry.Experts(config, backbone, moe_tree, with_experts, tuple(expert_tasks), top_k, base, lengths,
-                            mesh, rules, multitask, expert_library, activation_examples, retrieval_examples)
+                            mesh, rules, multitask, expert_library, activation_examples, retrieval_examples,
+                            tuple(expert_names))
   return registry.build(names, shared)
 
 
@@ -286,8 +289,10 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
     multitask = baseline.params
   table: dict[str, dict[str, float]] = {}
   with part.activate(mesh, rules):
+    names = [e.get("name") or e["task"] for e in metadata.get("experts", [])]
     built = build_methods(methods, config, loaded.params, moe_tree, expert_tasks, top_k, experts,
-                          activation_examples, retrieval_examples, lengths, mesh, rules, multitask, expert_library)
+                          activation_examples, retrieval_examples, lengths, mesh, rules, multitask, expert_library,
+                          names)
     bar = tqdm(total=len(built) * len(eval_tasks), desc="evaluate methods", unit="task",
                disable=jax.process_index() != 0)
     for name, method in built.items():

@@ -46,7 +46,8 @@ class Method:
 @dataclasses.dataclass(frozen=True)
 class Experts:
   """What every method builds from, inside `partitioning.activate(mesh, rules)`: `backbone`, `moe_tree` (expert i
-  trained on `expert_tasks[i]`, named so in `library`) and `with_experts` (both together) already on the mesh."""
+  trained on `expert_tasks[i]`, named `names[i]` in `library`) and `with_experts` (both together) already on the
+  mesh."""
 
   config: Any
   backbone: Any
@@ -62,6 +63,7 @@ class Experts:
   library: Any = None  # an ExpertLibrary
   activation_examples: int = 1000
   retrieval_examples: int = 1000
+  names: tuple[str, ...] = ()  # expert i's name in `library` (default: its task)
 
   def layout(self, router: Router) -> ExpertConfig:
     """Every expert, routed by `router` (the layout comes from the experts, not from gin)."""
@@ -83,10 +85,12 @@ class Experts:
     params = self.with_experts if routers is None else ex.merge(self.with_experts, routers)
     return self.method(build_model(self.config, self.layout(router)), params)
 
-  def auxiliary(self, task: str, method: str, params: Mapping[str, Any],
+  def auxiliary(self, i: int, method: str, params: Mapping[str, Any],
                 compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The expert's stored auxiliary data (`ExpertLibrary.auxiliary`), or just `compute()` without a library."""
-    return dict(compute()) if self.library is None else self.library.auxiliary(task, method, params, compute)
+    """Expert i's stored auxiliary data (`ExpertLibrary.auxiliary`), or just `compute()` without a library."""
+    if self.library is None:
+      return dict(compute())
+    return self.library.auxiliary((self.names or self.expert_tasks)[i], method, params, compute)
 
   def one_expert(self, i: int) -> Any:
     return jax.tree.map(lambda x: x[i:i + 1], self.moe_tree)
@@ -96,7 +100,7 @@ class Experts:
     """Router vectors of every expert, each `compute(i, task)` (a {module: {"router": [1, d_in]}} tree) or the
     library's copy, stacked on the expert axis."""
     flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
-    per_expert = [self.auxiliary(task, method, {**params, "task": task}, lambda i=i, task=task: flat(compute(i, task)))
+    per_expert = [self.auxiliary(i, method, {**params, "task": task}, lambda i=i, task=task: flat(compute(i, task)))
                   for i, task in enumerate(self.expert_tasks)]
     return flax.traverse_util.unflatten_dict({tuple(k.split("/")): np.concatenate([r[k] for r in per_expert])
                                               for k in per_expert[0]})

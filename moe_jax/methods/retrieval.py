@@ -132,10 +132,10 @@ def build_retrieval(experts: Experts) -> Method:
                              batch_rows(32))
   settings = {"max_examples": experts.retrieval_examples, "feature_lengths": dict(experts.lengths),
               "embedder": "backbone prompt mean", "backbone": identity.weights_checksum(experts.backbone)}
-  stored = [experts.auxiliary(task, "retrieval_embeddings", {**settings, "task": task}, lambda task=task: {
+  stored = [experts.auxiliary(i, "retrieval_embeddings", {**settings, "task": task}, lambda task=task: {
       "embeddings": embed(embed.tokens(mixture_examples(task, "train", experts.lengths,
                                                         experts.retrieval_examples)))})["embeddings"]
-            for task in experts.expert_tasks]
+            for i, task in enumerate(experts.expert_tasks)]
   index = RetrievalIndex.from_embeddings(embed, stored)
   route = lambda task, examples: index.route_tokens(embed.tokens(examples))
   return experts.method(build_model(experts.config, experts.layout(Fixed())), experts.with_experts, route)
