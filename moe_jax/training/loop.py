@@ -195,7 +195,54 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                         validation_batches, overwrite, gin_config_str, backbone, mesh, rules)
 
 
-def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, config: T5Config,
+def _stage_params(stage: str, task: str, config: Any, layout: ExpertConfig | None, seed: int,
+                  expert_from: str | None, backbone: Backbone) -> tuple[Any, dict[str, Any] | None]:
+  """(initial parameters, the parent expert's record or None): the backbone (copied: the train step donates its
+  state, and the backbone may be shared) with fresh experts (expert stage) or the expert to gate (gate stage)."""
+  params = jax.tree.map(lambda x: x.copy(), backbone.params)
+  if stage == "expert":
+    return ex.merge(params, ex.init_experts(config, layout, expert_key(seed, task))), None
+  if stage == "gate":
+    expert_params, expert_meta = load_expert_file(expert_from, config, layout, backbone)
+    parent = {"config_hash": expert_meta.get("config_hash"), "weights": identity.weights_checksum(expert_params)}
+    return ex.merge(params, expert_params), parent
+  return params, None
+
+
+def _reuse_product(product: str, stage: str, backbone: Backbone, record: dict[str, Any], overwrite: bool,
+                   model_dir: str, checkpoint_dir: str) -> bool:
+  """Whether the stage's existing product was made by this run (reuse it). One made by another run stops the run,
+  or with `overwrite` is cleared with that run's checkpoints."""
+  if not fs.exists(product):
+    return False
+  differs = identity.differences(_product_record(product, stage), _expected_record(backbone, record))
+  if not differs:
+    print(f"{stage} stage already done: {product}")
+    return True
+  if not overwrite:
+    raise MismatchError(f"{product} was made by another run ({'; '.join(differs[:4])}): rerun with "
+                        "--gin.train.overwrite=True to replace it, or choose a new model_dir")
+  _clear(model_dir, checkpoint_dir, product)
+  return False
+
+
+def _resume(state: Any, checkpointer: ckpt.Checkpointer, metadata: dict[str, Any], overwrite: bool,
+            model_dir: str, checkpoint_dir: str, product: str) -> tuple[Any, int, ckpt.Checkpointer]:
+  """(state, data position, checkpointer) from the newest checkpoint; another run's checkpoints stop the run, or
+  with `overwrite` are cleared and the run starts afresh in their place."""
+  try:
+    state, data_position = checkpointer.restore(state)
+    print(f"resumed from {checkpoint_dir} at step {int(state.step)}")
+    return state, data_position, checkpointer
+  except MismatchError:
+    if not overwrite:
+      raise
+    checkpointer.close()
+    _clear(model_dir, checkpoint_dir, product)
+    return state, 0, ckpt.Checkpointer(checkpoint_dir, metadata)
+
+
+def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, config: Any,
                  experts: ExpertConfig | None, lengths: dict[str, int], batch_size: int, num_microbatches: int,
                  total_steps: int, expert_from: str | None, save_every: int, log_every: int, seed: int,
                  resume: bool, validate_every: int, validation_batches: int, overwrite: bool, gin_config_str: str,
@@ -204,28 +251,13 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
   from moe_jax.data import pipeline  # the seqio data layer (TensorFlow) only when training
 
   layout = stage_experts(stage, experts)
-  # The train step donates its state: a copy keeps the (shared, possibly preloaded) backbone's arrays alive.
-  params = jax.tree.map(lambda x: x.copy(), backbone.params)
-  parent = None
-  if stage == "expert":
-    params = ex.merge(params, ex.init_experts(config, layout, expert_key(seed, task)))
-  elif stage == "gate":
-    expert_params, expert_meta = load_expert_file(expert_from, config, layout, backbone)
-    params = ex.merge(params, expert_params)
-    parent = {"config_hash": expert_meta.get("config_hash"), "weights": identity.weights_checksum(expert_params)}
+  params, parent = _stage_params(stage, task, config, layout, seed, expert_from, backbone)
   record = stage_record(stage, task, config, layout, total_steps=total_steps, batch_size=batch_size,
                         feature_lengths=dict(sorted(lengths.items())), seed=seed, validate_every=validate_every,
                         validation_batches=validation_batches if validate_every else None, expert=parent)
   product = stage_product(model_dir, stage)
-  if fs.exists(product):
-    differs = identity.differences(_product_record(product, stage), _expected_record(backbone, record))
-    if not differs:
-      print(f"{stage} stage already done: {product}")
-      return product
-    if not overwrite:
-      raise MismatchError(f"{product} was made by another run ({'; '.join(differs[:4])}): rerun with "
-                          "--gin.train.overwrite=True to replace it, or choose a new model_dir")
-    _clear(model_dir, checkpoint_dir, product)
+  if _reuse_product(product, stage, backbone, record, overwrite, model_dir, checkpoint_dir):
+    return product
   fs.makedirs(model_dir)
   if jax.process_index() == 0 and gin_config_str:
     fs.write_text(fs.join(model_dir, "config.gin"), f"{gin_config_str}\n# This stage's settings, as its product "
@@ -240,19 +272,13 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
   checkpointer = ckpt.Checkpointer(checkpoint_dir, metadata)
   data_position = 0
   if resume and checkpointer.latest_step() is not None:
-    try:
-      state, data_position = checkpointer.restore(state)
-      print(f"resumed from {checkpoint_dir} at step {int(state.step)}")
-    except MismatchError:
-      if not overwrite:
-        raise
-      checkpointer.close()  # another run's checkpoints: start afresh in their place
-      _clear(model_dir, checkpoint_dir, product)
-      checkpointer = ckpt.Checkpointer(checkpoint_dir, metadata)
+    state, data_position, checkpointer = _resume(state, checkpointer, metadata, overwrite, model_dir, checkpoint_dir,
+                                                 product)
 
+  decoder_only = interface.is_decoder_only(config)
   batches = pipeline.train_batches(task, lengths, batch_size // jax.process_count(), seed=seed,
                                    start_batch=data_position, shard_index=jax.process_index(),
-                                   num_shards=jax.process_count(), decoder_only=interface.is_decoder_only(config))
+                                   num_shards=jax.process_count(), decoder_only=decoder_only)
   step_fn = make_train_step(model, optimizer, stage, mesh, rules, num_microbatches)
   writer = MetricsWriter(model_dir, resume_step=int(state.step))
   product_metadata = {"stage": stage, "backbone": backbone.record(), "config": record,
@@ -261,11 +287,10 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
   if validate_every:
     held_out = pipeline.validation_batches(task, lengths, batch_size // num_microbatches // jax.process_count(),
                                            validation_batches, jax.process_index(), jax.process_count(),
-                                           decoder_only=interface.is_decoder_only(config))
+                                           decoder_only=decoder_only)
     keep_best = KeepBest(model_dir, make_eval_loss(model, mesh, rules), held_out, mesh, rules, validate_every, config,
                          task, product_metadata)
-  start = int(state.step)
-  bar = tqdm(total=total_steps, initial=start, desc=f"{stage} {task}", unit="step",
+  bar = tqdm(total=total_steps, initial=int(state.step), desc=f"{stage} {task}", unit="step",
              disable=jax.process_index() != 0)
   try:
     with PreemptionWatch() as watch:
@@ -276,15 +301,21 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+  _save_product(product, stage, state.params, config, task, record, backbone, keep_best, product_metadata)
+  return product
+
+
+def _save_product(product: str, stage: str, params: Any, config: Any, task: str, record: dict[str, Any],
+                  backbone: Backbone, keep_best: KeepBest | None, product_metadata: dict[str, Any]) -> None:
+  """A finished stage's product: the whole backbone (multitask), the best validated expert, or the last one."""
   if stage == "multitask":
-    save_backbone(product, state.params, config, {
+    save_backbone(product, params, config, {
         "task": task, "config": record, "config_hash": identity.config_hash(record), "parent": backbone.record(),
         "vocabulary": backbone.vocabulary.record(), "vocabulary_path": backbone.vocabulary.path})
   elif keep_best is not None:
     keep_best.finish(product)
   else:
-    ckpt.save_experts(product, state.params, ckpt.expert_metadata(state.params, config, task, **product_metadata))
-  return product
+    ckpt.save_experts(product, params, ckpt.expert_metadata(params, config, task, **product_metadata))
 
 
 def _run(state: Any, step_fn: Any, batches: Any, mesh: Any, rules: Any, checkpointer: ckpt.Checkpointer,
