@@ -10,12 +10,14 @@ import gin
 from moe_jax import gin_utils
 from moe_jax.data import pipeline  # noqa: F401  (registers the data configurables before gin locks)
 from moe_jax.evaluation import runner
+from moe_jax.methods import pipeline as methods_pipeline  # noqa: F401  (evaluate.methods: configurables before gin locks)
 
 
 def main(argv: list[str]) -> None:
   gin_utils.setup(argv, __doc__)
   metrics = gin_utils.run_job(lambda: runner.evaluate(gin_config_str=gin.config_str()))
-  print(f"evaluated {len(metrics)} task(s): see {gin.query_parameter('evaluate.output_dir')}/results.md")
+  what = "method(s)" if gin.query_parameter("evaluate.methods") else "task(s)"
+  print(f"evaluated {len(metrics)} {what}: see {gin.query_parameter('evaluate.output_dir')}/results.md")
 
 
 if __name__ == "__main__":
