@@ -16,7 +16,7 @@ from moe_jax.methods import pipeline as methods_pipeline  # noqa: F401  (evaluat
 def main(argv: list[str]) -> None:
   gin_utils.setup(argv, __doc__)
   metrics = gin_utils.run_job(lambda: runner.evaluate(gin_config_str=gin.config_str()))
-  what = "method(s)" if gin.query_parameter("evaluate.methods") else "task(s)"
+  what = "method(s)" if gin.get_bindings("evaluate").get("methods") else "task(s)"
   print(f"evaluated {len(metrics)} {what}: see {gin.query_parameter('evaluate.output_dir')}/results.md")
 
 
