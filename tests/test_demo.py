@@ -40,7 +40,7 @@ def test_experts_beat_the_backbone_on_their_own_tasks(demo_run):
   assert table["oracle"]["demo_smaller_heldout"] != table["oracle"]["demo_smaller_heldout"]  # NaN: no expert
   assert table["uniform"] == table["merged"]
   text = (demo_run / "results.md").read_text()
-  assert "mean held-out templates" in text and "PHATGOOSE routing diagnostics" in text
+  assert "mean held-out templates" in text and "## phatgoose routing diagnostics" in text
   assert (demo_run / "routing_diagnostics.png").stat().st_size > 10_000
 
 

@@ -246,7 +246,10 @@ def test_pipeline_user_errors_are_user_errors():
   with pytest.raises(ConfigError, match="needs pretrain_mixture"):
     pipeline.phatgoose_pipeline(run_dir=run_dir, pretrain_steps=2)
   with pytest.raises(ConfigError, match="'synthetic_copy' has no expert of its own"):
-    oracle.oracle_expert("synthetic_copy", ["synthetic_sort"])
+    oracle.oracle_expert("synthetic_copy", [["synthetic_sort"]])
+  # An expert trained on several tasks (a Model-Based Clustering cluster) is the oracle of each, and of their
+  # held-out templates.
+  assert oracle.oracle_expert("synthetic_copy_heldout", [["synthetic_sort"], ["synthetic_add", "synthetic_copy"]]) == 1
 
 
 def test_seed_tables_hold_the_mean_and_spread():

@@ -21,7 +21,7 @@ TINY = T5Config(vocab_size=264, d_model=32, num_heads=2, d_kv=16, d_ff=64, num_e
                 num_decoder_layers=1, dtype="float32", name="tiny_pipeline")
 
 
-def _run_pipeline(run_dir):
+def _run_pipeline(run_dir, **kwargs):
   gin.clear_config()
   gin.bind_parameter("train.batch_size", 8)
   try:
@@ -30,7 +30,7 @@ def _run_pipeline(run_dir):
         eval_tasks=["synthetic_sort", "synthetic_reverse_heldout"], pretrain_mixture="demo_pretrain",
         pretrain_steps=3, multitask_steps=3, expert_steps=3, gate_steps=2,
         max_eval_examples=8, activation_examples=8, retrieval_examples=8, eval_batch_size=8, model_config=TINY,
-        experts=ExpertConfig(rank=4), top_k=1)
+        experts=ExpertConfig(rank=4), top_k=1, **kwargs)
   finally:
     gin.clear_config()
 
@@ -48,8 +48,15 @@ def test_every_method_runs_end_to_end(tmp_path):
     assert all(0.0 <= v <= 100.0 for v in scores.values())
   text = open(tmp_path / "results.md").read()
   assert "| phatgoose |" in text and "mean held-out" in text and "Routers compared on the held-in tasks" in text
+  # routing diagnostics of every method that routes, per token or per example; none for the oracle
+  routers = ["phatgoose", "average_activation", "arrow", "retrieval"]
+  assert all(f"## {m} routing diagnostics" in text for m in routers) and "## oracle routing" not in text
+  assert sorted(json.load(open(tmp_path / "routing_diagnostics.json"))) == sorted(routers)
   assert os.path.getsize(tmp_path / "routing.png") > 10_000
+  assert all((tmp_path / f"routing_{m}.png").is_file() for m in routers[1:])
+  assert (tmp_path / "routing_diagnostics_arrow.png").is_file()
   _uniform_equals_merged(str(tmp_path))
+  _gate_weights_read_no_labels(str(tmp_path))
   _experts_live_in_the_library(tmp_path)
 
 
@@ -74,11 +81,17 @@ def _experts_live_in_the_library(run_dir):
   for folder in ("experts", "gates"):
     shutil.rmtree(run_dir / folder)
   os.remove(run_dir / "results.json")
-  _run_pipeline(run_dir)
+  # The rerun adds Model-Based Clustering (one cluster) to the same table.
+  _run_pipeline(run_dir, mbc_clusters=1, mbc_methods=["merged", "phatgoose", "oracle"])
   assert not (run_dir / "experts").exists() and not (run_dir / "gates").exists()  # nothing retrained
-  assert json.load(open(run_dir / "results.json")) == before
+  after = json.load(open(run_dir / "results.json"))
+  assert {m: after["tasks"][m] for m in before["tasks"]} == before["tasks"]
+  assert sorted(after["tasks"]) == sorted([*before["tasks"], "mbc/merged", "mbc/phatgoose", "mbc/oracle"])
+  # the one cluster's expert is trained on both tasks: its oracle scores the held-out template too
+  assert not np.isnan(after["tasks"]["mbc/oracle"]["synthetic_reverse_heldout"])
+  assert "| mbc/phatgoose |" in open(run_dir / "results.md").read()
   _evaluate_methods_over_the_library(run_dir, library, before)
-  _model_based_clustering(run_dir, library)
+  _model_based_clustering(run_dir, library, after)
 
 
 def _evaluate_methods_over_the_library(run_dir, library, pipeline_results):
@@ -95,26 +108,58 @@ def _evaluate_methods_over_the_library(run_dir, library, pipeline_results):
   assert "| arrow |" in open(run_dir / "evaluate_methods" / "results.md").read()
 
 
-def _model_based_clustering(run_dir, library):
-  """gin/mbc.gin's job on the pipeline's library: one cluster of both experts, one expert trained on the union of
-  their tasks from their backbone, written as a new library."""
+def _model_based_clustering(run_dir, library, pipeline_results):
+  """The pipeline's Model-Based Clustering (gin/mbc.gin's job): one cluster of both experts, one expert trained on
+  the union of their tasks from their backbone, written as a new library; `evaluate.methods` on that library
+  (experts of several tasks) gives the pipeline's mbc/ rows and counts both tasks as held-in."""
+  from moe_jax.evaluation import runner
   from moe_jax.library import ExpertLibrary
-  from moe_jax.methods.mbc_job import mbc_experts
 
-  gin.clear_config()
-  gin.bind_parameter("train.batch_size", 8)
-  try:
-    output = mbc_experts(library=library.uri, output_library=str(run_dir / "mbc_library"), run_dir=str(run_dir / "mbc"),
-                         k=1, expert_steps=2, gate_steps=1, model_config=TINY, experts=ExpertConfig(rank=4),
-                         feature_lengths=synthetic.FEATURE_LENGTHS)
-  finally:
-    gin.clear_config()
-  clustered = ExpertLibrary(output, read_only=True)
+  clustered = ExpertLibrary(str(run_dir / "mbc_library"), read_only=True)
   assert clustered.names() == ["mbc_cluster_0"]
   info = clustered.info("mbc_cluster_0")
   assert info.tasks == ("synthetic_reverse", "synthetic_sort") and "mbc" in info.tags
   assert info.parent == "synthetic_reverse,synthetic_sort"
   assert info.backbone["weights"] == library.info("synthetic_sort").backbone["weights"]
+  methods = ["merged", "phatgoose", "oracle"]
+  output = run_dir / "evaluate_mbc"
+  table = runner.evaluate(output_dir=str(output), tasks=["synthetic_sort", "synthetic_reverse_heldout"],
+                          model_config=TINY, experts=ExpertConfig(rank=4), init_from=str(run_dir / "backbone"),
+                          library=clustered.uri, methods=methods, top_k=1, feature_lengths=synthetic.FEATURE_LENGTHS,
+                          max_examples=8, batch_size=8)
+  assert {m: table[m] for m in methods} == {m: pipeline_results["tasks"][f"mbc/{m}"] for m in methods}
+  summary = json.load(open(output / "results.json"))["summary"]["oracle"]
+  assert summary["mean held-in"] == table["oracle"]["synthetic_sort"]
+  assert summary["mean held-out templates"] == table["oracle"]["synthetic_reverse_heldout"]
+
+
+def _gate_weights_read_no_labels(run_dir):
+  """phatgoose_merged weighs the experts by the gates' routing over a task's inputs alone: the encoder-side
+  modules' shares, which equal those of the teacher-forced count (the encoder never sees a target), and no
+  decoder-side module; its model for a task is the update mean with those weights."""
+  from moe_jax.methods import merging
+  from moe_jax.methods.routing import routing_shares
+
+  mesh, rules = part.make_mesh(), part.axis_rules()
+  backbone = loop.load_backbone(os.path.join(run_dir, "backbone"), TINY, part.logical_shardings(
+      part.abstract_params(Transformer(TINY)), mesh, rules), seed=0)
+  moe_tree, _ = ckpt.load_experts(os.path.join(run_dir, "moe.safetensors"), TINY)
+  args = (["synthetic_sort"], "validation", synthetic.FEATURE_LENGTHS, 8)
+  with part.activate(mesh, rules):
+    built = pipeline.build_methods(["phatgoose", "phatgoose_merged"], TINY, backbone.params, moe_tree,
+                                   ["synthetic_reverse", "synthetic_sort"], 1, ExpertConfig(rank=4), 8, 8,
+                                   synthetic.FEATURE_LENGTHS, mesh, rules, max_eval_examples=8)
+    gates = built["phatgoose"]
+    full = routing_shares(gates.model, gates.params, *args)
+    inputs = routing_shares(gates.model, gates.params, *args, inputs_only=True)
+    assert inputs and sorted(inputs) == sorted(p for p in full if p.startswith("encoder/") or "/encoder_decoder" in p
+                                               and p.split("/")[-1] in ("key", "value"))
+    for path, value in inputs.items():
+      np.testing.assert_allclose(value, full[path], rtol=0, atol=1e-12)
+    merged = built["phatgoose_merged"].params_for("synthetic_sort")
+    _, expected = merging.uniform_updates(TINY, backbone.params, moe_tree, merging.router_weights(inputs, 0))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6),
+                 merged, expected)
 
 
 def _uniform_equals_merged(run_dir):

@@ -8,8 +8,8 @@ from moe_jax.methods import registry
 
 
 def test_builtin_methods_are_registered_in_table_order():
-  assert registry.available() == ("multitask", "uniform", "merged", "merged_factors", "ties", "phatgoose",
-                                  "average_activation", "arrow", "retrieval", "oracle")
+  assert registry.available() == ("multitask", "uniform", "merged", "merged_factors", "ties", "phatgoose_merged",
+                                  "phatgoose", "average_activation", "arrow", "retrieval", "oracle")
   with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
     registry.check(["phatgoose", "nope"], "methods")
 
@@ -17,7 +17,7 @@ def test_builtin_methods_are_registered_in_table_order():
 def test_a_new_method_is_one_registered_builder(monkeypatch):
   from moe_jax.models.routers import Phatgoose
 
-  monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # pylint: disable=protected-access
+  monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))  # pylint: disable=protected-access
 
   @registry.register("phatgoose_top1")
   def build(experts: registry.Experts) -> registry.Method:

@@ -52,8 +52,10 @@ def evaluate(output_dir: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED
   them, keeping those tagged with every one of `library_tags`.
 
   `methods` (names from `moe_jax.methods.registry`, with `library`): every method on those experts instead, in one
-  table (`output_dir/results.md`, as the PHATGOOSE pipeline writes it); expert i counts as trained on its first
-  task (or its name) for the oracle and the methods that read an expert's data. Returns {method: {task: score}}."""
+  table (`output_dir/results.md`, as the PHATGOOSE pipeline writes it). An expert's tasks (its library entry's,
+  else its name) make the held-in columns and its oracle tasks; the methods that read an expert's data (Average
+  Activation, retrieval) read them all (a Model-Based Clustering expert's cluster). Returns
+  {method: {task: score}}."""
   config = model_config or T5Config()
   mesh, rules = part.make_mesh(), part.axis_rules()
   backbone_shardings = part.logical_shardings(part.abstract_params(build_model(config)), mesh, rules)
@@ -98,13 +100,13 @@ def _evaluate_methods(output_dir: str, tasks: Sequence[str], split: str, config:
   chosen = ExpertLibrary(library, read_only=True)  # auxiliary data is read, computed when absent, never written
   selected = chosen.select(names, tags)
   moe = chosen.stack(selected)
-  expert_tasks = [chosen.info(n).task or n for n in selected]
+  expert_tasks, skills = pipeline.expert_data(chosen, selected)
   if jax.process_index() == 0 and gin_config_str:
     fs.write_text(fs.join(output_dir, "config.gin"), gin_config_str)
   lengths = dict(feature_lengths or {"inputs": 512, "targets": 128})
   with vocab.using(backbone.vocabulary):
     pipeline.evaluate_methods(output_dir, config, backbone, moe, expert_tasks, list(tasks), list(methods), top_k,
-                              experts, split, max_examples, 1000, 1000, batch_size, lengths, None, chosen)
+                              experts, split, max_examples, 1000, 1000, batch_size, lengths, None, chosen, skills)
   if jax.process_index() != 0:  # process 0 wrote the table
     return {}
   return json.loads(fs.read_text(fs.join(output_dir, "results.json")))["tasks"]

@@ -85,7 +85,7 @@ def arrow_routers(moe_tree: Params) -> Params:
   return flax.traverse_util.unflatten_dict(routers)
 
 
-@register("arrow")
+@register("arrow", auxiliary=("arrow_prototypes",))
 def build_arrow(experts: Experts) -> Method:
   """Every expert behind the Arrow router, its prototypes cached in the library."""
   routers = experts.per_expert_routers("arrow_prototypes", {}, lambda i, task: arrow_routers(

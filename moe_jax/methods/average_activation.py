@@ -137,7 +137,7 @@ def average_activation_routers(config: Any, backbone: Params, moe_tree: Params,
       {key: np.concatenate([routers[key] for routers in per_expert]) for key in per_expert[0]})
 
 
-@register("average_activation")
+@register("average_activation", auxiliary=("average_activation",))
 def build_average_activation(experts: Experts) -> Method:
   """Every expert behind PHATGOOSE's router with Average Activation vectors instead of trained gates, each
   expert's computed on unpacked examples of its own task (a packed row would mix tasks' positions in one mean)

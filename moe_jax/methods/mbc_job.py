@@ -29,10 +29,11 @@ def mbc_experts(library: str = gin.REQUIRED, output_library: str = gin.REQUIRED,
                 k: int = 10, names: Sequence[str] | None = None, keep: float = 0.2, dims: int = 64, seed: int = 42,
                 expert_steps: int = 1000, gate_steps: int = 100, model_config: Any = None,
                 experts: ExpertConfig | None = None, feature_lengths: Mapping[str, int] | None = None,
-                gin_config_str: str = "") -> str:
+                train_seed: int | None = None, gin_config_str: str = "") -> str:
   """Cluster `names` (default: every expert) of `library` into `k` clusters and add one gated expert per cluster to
-  `output_library`, trained under `run_dir`; returns `output_library`. Clusters whose expert the output library
-  already holds with the same identity are not retrained."""
+  `output_library`, trained under `run_dir` (seeded by `train_seed`, default `train.seed`); returns
+  `output_library`. Clusters whose expert the output library already holds with the same identity are not
+  retrained. Each cluster's task union is registered as the seqio mixture `mbc_cluster_<i>`."""
   from tasks import common as task_common  # pylint: disable=g-import-not-at-top  (seqio)
 
   source = ExpertLibrary(library, read_only=True)
@@ -55,9 +56,11 @@ def mbc_experts(library: str = gin.REQUIRED, output_library: str = gin.REQUIRED,
   output = ExpertLibrary(output_library)
   common = dict(model_config=config, feature_lengths=lengths, init_from=record.get("source"), experts=experts,
                 backbone=backbone, gin_config_str=gin_config_str)
+  if train_seed is not None:
+    common["seed"] = train_seed
   for name, cluster_tasks in mixtures.items():
     task_common.add_mixture(name, cluster_tasks)
-    identity_hash = expert_identity(backbone, name, config, experts, expert_steps, gate_steps, lengths, None)
+    identity_hash = expert_identity(backbone, name, config, experts, expert_steps, gate_steps, lengths, train_seed)
     if name in output and output.info(name).identity == identity_hash:
       continue
     expert_dir = fs.join(run_dir, name, "expert")

@@ -20,6 +20,7 @@ vectors are not part of an expert's LoRA parameters and are left out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,8 +33,11 @@ from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.methods import merged
 from moe_jax.models import experts as ex
 from moe_jax.methods.registry import Experts, Method, register
+from moe_jax.methods.routing import routing_shares
 from moe_jax.models.interface import build_model
 from moe_jax.models.config import T5Config
+from moe_jax.models.routers import Phatgoose
+from moe_jax.training import partitioning as part
 
 Params = dict[str, Any]
 _FACTORS = ("lora_a", "lora_b")
@@ -178,3 +182,22 @@ def build_ties(experts: Experts) -> Method:
   """TIES on each expert's flattened factors (top 20% kept, sign election, disjoint mean), one LoRA."""
   merged = ties_merge_experts(jax.tree.map(np.asarray, experts.moe_tree))
   return experts.method(build_model(experts.config, experts.single()), ex.merge(experts.backbone, merged))
+
+
+@register("phatgoose_merged")
+def build_phatgoose_merged(experts: Experts) -> Method:
+  """Weighted merging with weights read from the trained gates, one merged model per evaluation task: PHATGOOSE's
+  routing shares over the task's inputs (no labels: `routing_shares(inputs_only=True)`), averaged over modules
+  (`router_weights`), weight the mean of the updates (`uniform_updates`). Between PHATGOOSE (per token, per
+  module) and Merged Experts (one set of weights for every task)."""
+  gates = experts.routed(Phatgoose(k=experts.top_k))
+  config, uniform = uniform_updates(experts.config, experts.backbone, experts.moe_tree)
+  model = build_model(config)
+
+  def task_params(task: str) -> Params:
+    shares = routing_shares(gates.model, gates.params, [task], experts.eval_split, experts.lengths,
+                            experts.max_eval_examples, inputs_only=True)
+    _, params = uniform_updates(experts.config, experts.backbone, experts.moe_tree, router_weights(shares, 0))
+    return part.place(model, params, experts.mesh, experts.rules)
+
+  return dataclasses.replace(experts.method(model, uniform), task_params=task_params)

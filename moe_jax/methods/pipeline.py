@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,13 +32,12 @@ from moe_jax.errors import ConfigError, MismatchError
 from moe_jax.data import vocab
 from moe_jax.methods import registry
 from moe_jax.library import Expert, ExpertInfo, ExpertLibrary, make_expert
-from moe_jax.methods.routing import (comparison_markdown, diagnostics_markdown, router_agreement,
-                                    routing_diagnostics, routing_shares, skill_of)
+from moe_jax.methods.routing import routing_report, write_routing_files
 from moe_jax.models import experts as ex
 from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.routers import Uniform
 from moe_jax.models.interface import build_model
-from moe_jax.plots import plot_routing, plot_routing_diagnostics, task_label
+from moe_jax.plots import task_label
 from moe_jax.progress import JobProgress
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import loop
@@ -46,6 +45,7 @@ from moe_jax.training import partitioning as part
 from moe_jax.training.backbone import check_same
 
 METHODS = registry.available()
+MBC_METHODS = ("merged", "ties", "phatgoose", "arrow", "oracle")
 # The score reported per task: the first of these its metric functions give (rank classification gives accuracy).
 PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
 
@@ -60,13 +60,20 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
                        retrieval_examples: int = 1000, eval_batch_size: int = 32,
                        feature_lengths: Mapping[str, int] | None = None, model_config: T5Config | None = None,
                        experts: ExpertConfig | None = None, seeds: Sequence[int] | None = None,
-                       seed: int | None = None, library: str | None = None, gin_config_str: str = "") -> str:
+                       seed: int | None = None, library: str | None = None, mbc_clusters: int = 0,
+                       mbc_methods: Sequence[str] = MBC_METHODS, gin_config_str: str = "") -> str:
   """Run every stage under `run_dir` and return the path of `results.md`.
 
   Every gated expert goes into the expert library at `library` (a URI, `moe_jax.library`; default:
   `run_dir/library`) under its task's name, and the methods are evaluated on the experts read back from there.
   An expert the library already holds with the same identity (backbone, vocabulary, layout and both stages'
   settings) is not trained again: point several runs at one library to share their experts.
+
+  `mbc_clusters` > 0 adds Model-Based Clustering (`moe_jax.methods.mbc_job`): the library's experts clustered into
+  that many clusters, one expert and gate trained per cluster on the union of its tasks (as each task expert is
+  trained) into `run_dir/mbc_library`, and `mbc_methods` evaluated on those experts (their own results and routing
+  files under `run_dir/mbc`) as the rows `mbc/<method>` of the same table. It costs `mbc_clusters` more experts and
+  gates, and the evaluation of `mbc_methods`.
 
   `seed` seeds every stage (initialisation and data order; default: `train.seed`). `seeds` runs the whole pipeline
   once per seed, under `run_dir/seed_<s>`, and writes `run_dir/results.md` with each score's mean over the seeds
@@ -95,6 +102,8 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
                             "library": None if library is None else _seed_library(library, s)})
     return write_seed_tables(run_dir, [fs.join(run_dir, f"seed_{s}") for s in seeds], expert_tasks)
   registry.check(methods, "phatgoose_pipeline.methods")
+  if mbc_clusters:
+    registry.check(mbc_methods, "phatgoose_pipeline.mbc_methods")
   config = model_config or T5Config()
   eval_tasks = list(eval_tasks or (demo.EVAL_TASKS if expert_tasks == list(demo.EXPERT_TASKS) else expert_tasks))
   lengths = dict(feature_lengths or synthetic.FEATURE_LENGTHS)
@@ -112,9 +121,10 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
     multitask_steps = 0 if multitask_from else len(expert_tasks) * expert_steps
   multitask_steps = multitask_steps if "multitask" in methods else 0
   # Work in training steps; scoring one batch of one task (its choices) is counted as about two steps.
-  eval_units = 2 * len(methods) * len(eval_tasks) * -(-(max_eval_examples or 1000) // eval_batch_size)
+  eval_units = 2 * (len(methods) + (len(mbc_methods) if mbc_clusters else 0)) * len(eval_tasks) * -(
+      -(max_eval_examples or 1000) // eval_batch_size)
   progress = JobProgress("phatgoose_pipeline", pretrain_steps + multitask_steps
-                         + len(expert_tasks) * (expert_steps + gate_steps) + eval_units)
+                         + (len(expert_tasks) + mbc_clusters) * (expert_steps + gate_steps) + eval_units)
 
   def stage(name: str, model_dir: str, kind: str, steps: int, **kwargs: Any) -> str:
     worked = not fs.exists(loop.stage_product(model_dir, kind))
@@ -160,12 +170,64 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
   moe_tree, moe_metadata = expert_library.stack(expert_tasks)
   if jax.process_index() == 0:
     ckpt.save_experts(moe_file, moe_tree, moe_metadata)
+  evaluation = dict(eval_tasks=eval_tasks, top_k=top_k, experts=experts, split=eval_split,
+                    max_examples=max_eval_examples, activation_examples=activation_examples,
+                    retrieval_examples=retrieval_examples, batch_size=eval_batch_size, lengths=lengths)
+  mbc_rows = {}
+  if mbc_clusters:
+    mbc_library = _train_mbc_experts(run_dir, expert_library, mbc_clusters, config, experts, expert_steps,
+                                     gate_steps, lengths, seed, gin_config_str)
+    progress.done(f"Model-Based Clustering ({mbc_clusters} experts)", mbc_clusters * (expert_steps + gate_steps))
+    mbc_rows = _evaluate_library(fs.join(run_dir, "mbc"), config, backbone, mbc_library, mbc_methods, "mbc/",
+                                 evaluation)
   with vocab.using(backbone.vocabulary):
-    results = evaluate_methods(run_dir, config, backbone, (moe_tree, moe_metadata), expert_tasks, eval_tasks,
-                               methods, top_k, experts, eval_split, max_eval_examples, activation_examples,
-                               retrieval_examples, eval_batch_size, lengths, multitask_from, expert_library)
+    results = evaluate_methods(run_dir, config, backbone, (moe_tree, moe_metadata), expert_tasks,
+                               methods=methods, multitask_from=multitask_from, expert_library=expert_library,
+                               more_rows=mbc_rows, **evaluation)
   progress.done("evaluation", eval_units)
   return results
+
+
+def _train_mbc_experts(run_dir: str, expert_library: ExpertLibrary, k: int, config: Any,
+                       experts: ExpertConfig | None, expert_steps: int, gate_steps: int, lengths: Mapping[str, int],
+                       seed: int | None, gin_config_str: str) -> ExpertLibrary:
+  """The Model-Based Clustering experts of `expert_library` (`mbc_job.mbc_experts`) in `run_dir/mbc_library`."""
+  from moe_jax.methods import mbc_job  # pylint: disable=g-import-not-at-top  (it builds on this module)
+
+  uri = mbc_job.mbc_experts(library=expert_library.uri, output_library=fs.join(run_dir, "mbc_library"),
+                            run_dir=fs.join(run_dir, "mbc", "experts"), k=k, expert_steps=expert_steps,
+                            gate_steps=gate_steps, model_config=config, experts=experts, feature_lengths=lengths,
+                            train_seed=seed, gin_config_str=gin_config_str)
+  _sync(f"library {uri}")
+  return ExpertLibrary(uri, read_only=True)
+
+
+def _evaluate_library(output_dir: str, config: Any, backbone: Any, library: ExpertLibrary, methods: Sequence[str],
+                      prefix: str, evaluation: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+  """`methods` on every expert of `library`, their results and routing files under `output_dir`; returns the
+  table's rows (`prefix + method`)."""
+  names = library.names()
+  expert_tasks, skills = expert_data(library, names)
+  with vocab.using(backbone.vocabulary):
+    evaluate_methods(output_dir, config, backbone, library.stack(names), expert_tasks, methods=methods,
+                     expert_library=library, expert_skills=skills, row_prefix=prefix, **evaluation)
+  return json.loads(fs.read_text(fs.join(output_dir, "results.json")))["tasks"]
+
+
+def expert_data(library: ExpertLibrary, names: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+  """(the data each expert was trained on: its task, or a seqio mixture of its tasks registered here as
+  `library_expert_<name>`; each expert's tasks, from its library entry, else its name) for `names` of `library`:
+  what Average Activation and retrieval read, and what makes a task held-in and gives it its oracle expert."""
+  from tasks import common as task_common  # pylint: disable=g-import-not-at-top  (seqio)
+
+  skills = [list(library.info(n).tasks) or [n] for n in names]
+  expert_tasks = []
+  for name, tasks_of in zip(names, skills):
+    mixture = "library_expert_" + re.sub(r"[^\w.:]", "_", name)  # seqio names: word characters, '.' and ':'
+    if len(tasks_of) > 1:
+      task_common.add_mixture(mixture, tasks_of)
+    expert_tasks.append(tasks_of[0] if len(tasks_of) == 1 else mixture)
+  return expert_tasks, skills
 
 
 _PIPELINE_ARGUMENTS = tuple(inspect.signature(phatgoose_pipeline).parameters)
@@ -235,8 +297,9 @@ def write_seed_tables(run_dir: str, seed_dirs: Sequence[str], expert_tasks: Sequ
 def build_methods(names: Sequence[str], config: Any, backbone: Any, moe_tree: Any, expert_tasks: Sequence[str],
                   top_k: int, experts: ExpertConfig | None, activation_examples: int, retrieval_examples: int,
                   lengths: Mapping[str, int], mesh: Mesh, rules: part.Rules, multitask: Any = None,
-                  expert_library: ExpertLibrary | None = None,
-                  expert_names: Sequence[str] = ()) -> dict[str, registry.Method]:
+                  expert_library: ExpertLibrary | None = None, expert_names: Sequence[str] = (),
+                  expert_skills: Sequence[Sequence[str]] = (), eval_split: str = "validation",
+                  max_eval_examples: int | None = None) -> dict[str, registry.Method]:
   """The model/params/routing of each named method (`moe_jax.methods.registry`) on the same backbone and experts
   (`multitask`: the multitask method's parameters, if not the backbone's), run inside
   `partitioning.activate(mesh, rules)`. With `expert_library` (holding expert i under the name `expert_names[i]`,
@@ -256,7 +319,8 @@ def build_methods(names: Sequence[str], config: Any, backbone: Any, moe_tree: An
   backbone, moe_tree = ex.split(with_experts)  # both on the mesh now
   shared = registry.Experts(config, backbone, moe_tree, with_experts, tuple(expert_tasks), top_k, base, lengths,
                             mesh, rules, multitask, expert_library, activation_examples, retrieval_examples,
-                            tuple(expert_names))
+                            tuple(expert_names), tuple(tuple(s) for s in expert_skills), eval_split,
+                            max_eval_examples)
   return registry.build(names, shared)
 
 
@@ -264,11 +328,16 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
                      expert_tasks: Sequence[str], eval_tasks: Sequence[str], methods: Sequence[str], top_k: int,
                      experts: ExpertConfig | None, split: str, max_examples: int | None, activation_examples: int,
                      retrieval_examples: int, batch_size: int, lengths: Mapping[str, int],
-                     multitask_from: str | None = None, expert_library: ExpertLibrary | None = None) -> str:
-  """Evaluate every method on every task; write results.json, results.md and routing.png under `run_dir`.
+                     multitask_from: str | None = None, expert_library: ExpertLibrary | None = None,
+                     expert_skills: Sequence[Sequence[str]] | None = None, row_prefix: str = "",
+                     more_rows: Mapping[str, Mapping[str, float]] | None = None) -> str:
+  """Evaluate every method on every task; write results.json, results.md and the routing files under `run_dir`.
 
   `moe`: (host tree, metadata) of the experts, one per expert task in order (`ExpertLibrary.stack`); methods'
-  auxiliary data (average activations, retrieval embeddings) is read from and stored in `expert_library`."""
+  auxiliary data (average activations, retrieval embeddings) is read from and stored in `expert_library`.
+  `expert_skills[i]`: the tasks expert i was trained on (default: `expert_tasks[i]`; `expert_tasks[i]` may be a
+  mixture of them), which decide the held-in tasks and each task's own expert. The table's rows are
+  `row_prefix + method`, then `more_rows` (rows already scored, e.g. methods on other experts)."""
   from moe_jax.data.pipeline import expand_tasks  # pylint: disable=g-import-not-at-top
   from moe_jax.evaluation.evaluate import evaluate_task  # pylint: disable=g-import-not-at-top
 
@@ -277,9 +346,11 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
   moe_tree, metadata = moe  # host NumPy: build_methods puts it on the mesh once
   where = "the experts" if expert_library is None else f"the experts of {expert_library.uri}"
   check_same(metadata.get("backbone"), loaded, where)
-  order = [e["task"] for e in metadata.get("experts", [])] or list(expert_tasks)
-  if order != list(expert_tasks):
-    raise MismatchError(f"{where} are {order}, but the pipeline expects {list(expert_tasks)}")
+  skills = [tuple(s) for s in expert_skills] if expert_skills else [(t,) for t in expert_tasks]
+  order = [e["task"] for e in metadata.get("experts", [])] or [s[0] for s in skills]
+  if order != [s[0] for s in skills]:
+    raise MismatchError(f"{where} are {order}, but the pipeline expects {[s[0] for s in skills]}")
+  own = lambda task: registry.own_expert(task, skills)
   multitask = None
   if multitask_from is not None:
     baseline = loop.load_backbone(multitask_from, config, shardings, seed=0)
@@ -292,55 +363,30 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
     names = [e.get("name") or e["task"] for e in metadata.get("experts", [])]
     built = build_methods(methods, config, loaded.params, moe_tree, expert_tasks, top_k, experts,
                           activation_examples, retrieval_examples, lengths, mesh, rules, multitask, expert_library,
-                          names)
+                          names, skills, split, max_examples)
     bar = tqdm(total=len(built) * len(eval_tasks), desc="evaluate methods", unit="task",
                disable=jax.process_index() != 0)
     for name, method in built.items():
       table[name] = {}
       for group in eval_tasks:
         bar.update(1)
-        if name == "oracle" and skill_of(group) not in expert_tasks:
+        if name == "oracle" and own(group) is None:
           table[name][group] = float("nan")  # a held-out task has no expert of its own
           continue
-        scores = [primary_metric(evaluate_task(method.model, method.params, task, split, batch_size, lengths,
-                                               "auto", max_examples=max_examples,
+        scores = [primary_metric(evaluate_task(method.model, method.params_for(task), task, split, batch_size,
+                                               lengths, "auto", max_examples=max_examples,
                                                routing_ids_fn=method.routing_ids_fn)["metrics"])
                   for task in expand_tasks([group])]
         table[name][group] = float(np.mean(scores))
-      bar.write(f"{name}: mean score {np.nanmean(list(table[name].values())):.2f}")
+      bar.write(f"{row_prefix}{name}: mean score {np.nanmean(list(table[name].values())):.2f}")
     bar.close()
-    shares = None if "phatgoose" not in built else routing_shares(
-        built["phatgoose"].model, built["phatgoose"].params, eval_tasks, split, lengths, max_examples)
-    appendix = ""
-    if shares is not None:
-      diagnostics = routing_diagnostics(shares, eval_tasks, expert_tasks, top_k)
-      appendix = diagnostics_markdown(diagnostics, table, eval_tasks)
-    heldin = [t for t in expert_tasks if t in eval_tasks]
-    # Did the gates find more than the other per-token routers (the mean input, Arrow's prototypes)?
-    others = [name for name, m in built.items() if name != "phatgoose" and _routes_tokens(m)]
-    if shares is not None and others and heldin:
-      appendix += "\n" + comparison_markdown(
-          ["phatgoose", *others],
-          [diagnostics] + [routing_diagnostics(routing_shares(built[n].model, built[n].params, heldin, split, lengths,
-                                                max_examples), heldin, expert_tasks, top_k) for n in others],
-          heldin, {n: router_agreement(built["phatgoose"].params, built[n].params) for n in others})
-  path = write_table(table, eval_tasks, run_dir, expert_tasks, appendix)
-  if shares is not None and jax.process_index() == 0:  # every process computes (the arrays span them all); one writes
-    plot_routing_diagnostics(diagnostics, list(eval_tasks), fs.join(run_dir, "routing_diagnostics.png"))
-    fs.write_text(fs.join(run_dir, "routing_diagnostics.json"), json.dumps(diagnostics, indent=1) + "\n")
-    arrays = io.BytesIO()
-    np.savez(arrays, tasks=np.array(eval_tasks), experts=np.array(expert_tasks),
-             **{k.replace("/", "."): v for k, v in shares.items()})
-    fs.write_bytes(fs.join(run_dir, "routing.npz"), arrays.getvalue())
-    plot_routing(shares, list(eval_tasks), [task_label(t) for t in expert_tasks],
-                 fs.join(run_dir, "routing.png"))
+    heldin = [t for t in eval_tasks if t in {task for s in skills for task in s}]
+    report = routing_report(built, table, eval_tasks, heldin, len(expert_tasks), top_k, own, split, lengths,
+                            max_examples)
+  rows = {**{row_prefix + name: scores for name, scores in table.items()}, **(more_rows or {})}
+  path = write_table(rows, eval_tasks, run_dir, [task for s in skills for task in s], report.markdown)
+  write_routing_files(report, run_dir, eval_tasks, [task_label(n) for n in names or expert_tasks])
   return path
-
-
-def _routes_tokens(method: registry.Method) -> bool:
-  """Whether a method routes every token by router vectors (PHATGOOSE, Average Activation, Arrow)."""
-  router = getattr(getattr(method.model, "experts", None), "router", None)
-  return bool(getattr(router, "uses_vectors", False)) and method.routing_ids_fn is None
 
 
 def primary_metric(metrics: Mapping[str, float]) -> float:
@@ -354,7 +400,7 @@ def _groups(tasks: Sequence[str], expert_tasks: Sequence[str]) -> list[tuple[str
   """(label, tasks) of the mean columns: held-in tasks, held-out templates of them, held-out tasks, all. Without
   `expert_tasks`, every `*_heldout` task counts as held out."""
   heldin = [t for t in tasks if t in expert_tasks or (not expert_tasks and not t.endswith("_heldout"))]
-  templates = [t for t in tasks if t not in heldin and skill_of(t) in expert_tasks]
+  templates = [t for t in tasks if t not in heldin and registry.skill_of(t) in expert_tasks]
   heldout = [t for t in tasks if t not in heldin and t not in templates]
   groups = [("mean held-in", heldin), ("mean held-out templates", templates), ("mean held-out", heldout),
             ("mean", list(tasks))]

@@ -3,9 +3,12 @@ method is one file (or one function in the module whose math it uses) and nothin
 
 A builder takes the `Experts` every method shares (the backbone and the stacked experts, placed on the mesh once,
 the expert tasks, the settings) and returns a `Method`: the model to score with, its parameters and, for methods
-that route a whole example, the routing ids of each example. Auxiliary data a method derives per expert
-(average activations, Arrow prototypes, retrieval embeddings) goes through `Experts.auxiliary`, which keeps it in
-the expert library, keyed by the method's parameters, when there is one.
+that route a whole example, the routing ids of each example, and for methods that build a model per evaluation
+task, the parameters of each task. Auxiliary data a method derives per expert (average activations, Arrow
+prototypes, retrieval embeddings) is declared when it registers (`register("arrow", auxiliary=("arrow_prototypes",))`)
+and goes through `Experts.auxiliary`, which keeps it in the expert library, keyed by the method's parameters, when
+there is one: computed once per library and settings, read back by every later run. A method asking for auxiliary
+data it did not declare is refused, so `auxiliary_data()` lists everything a set of methods will store.
 """
 
 from __future__ import annotations
@@ -36,18 +39,26 @@ BUILTIN = ("moe_jax.methods.baselines", "moe_jax.methods.merged", "moe_jax.metho
 
 @dataclasses.dataclass
 class Method:
-  """What one method evaluates: a model, its parameters and, for per-example routing, the routing ids."""
+  """What one method evaluates: a model, its parameters and, for per-example routing, the routing ids; for a
+  method that builds one model per evaluation task (merging with weights read from that task's inputs),
+  `task_params(task)` gives that task's parameters in place of `params`."""
 
   model: nn.Module
   params: Any
   routing_ids_fn: Callable[[str, Sequence[dict]], Sequence[int]] | None = None
+  task_params: Callable[[str], Any] | None = None
+  diagnose: bool = True  # whether its routing is worth diagnosing (not the oracle's, right by construction)
+
+  def params_for(self, task: str) -> Any:
+    return self.params if self.task_params is None else self.task_params(task)
 
 
 @dataclasses.dataclass(frozen=True)
 class Experts:
   """What every method builds from, inside `partitioning.activate(mesh, rules)`: `backbone`, `moe_tree` (expert i
-  trained on `expert_tasks[i]`, named `names[i]` in `library`) and `with_experts` (both together) already on the
-  mesh."""
+  trained on the data of `expert_tasks[i]`, a task or a mixture of several, named `names[i]` in `library`) and
+  `with_experts` (both together) already on the mesh. `skills[i]`: the tasks expert i was trained on (default:
+  `expert_tasks[i]` alone), which decide an evaluation task's own expert."""
 
   config: Any
   backbone: Any
@@ -64,6 +75,17 @@ class Experts:
   activation_examples: int = 1000
   retrieval_examples: int = 1000
   names: tuple[str, ...] = ()  # expert i's name in `library` (default: its task)
+  skills: tuple[tuple[str, ...], ...] = ()
+  eval_split: str = "validation"  # what evaluation scores, for methods that read a task's inputs before scoring it
+  max_eval_examples: int | None = None
+  building: str = ""  # the method being built (`build` sets it): what `auxiliary` checks declarations against
+
+  def expert_skills(self) -> tuple[tuple[str, ...], ...]:
+    return self.skills or tuple((task,) for task in self.expert_tasks)
+
+  def own_expert(self, task: str) -> int | None:
+    """The expert trained on `task`'s skill (a `_heldout` template shares its task's expert), None without one."""
+    return own_expert(task, self.expert_skills())
 
   def layout(self, router: Router) -> ExpertConfig:
     """Every expert, routed by `router` (the layout comes from the experts, not from gin)."""
@@ -87,7 +109,11 @@ class Experts:
 
   def auxiliary(self, i: int, method: str, params: Mapping[str, Any],
                 compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Expert i's stored auxiliary data (`ExpertLibrary.auxiliary`), or just `compute()` without a library."""
+    """Expert i's stored auxiliary data (`ExpertLibrary.auxiliary`), or just `compute()` without a library.
+    `method` must be one of the kinds the method being built declared when it registered."""
+    if self.building and method not in _REGISTERED[self.building].auxiliary:
+      raise ValueError(f"method {self.building!r} asks for auxiliary data {method!r} it did not declare "
+                       f"(register({self.building!r}, auxiliary=(...)))")
     if self.library is None:
       return dict(compute())
     return self.library.auxiliary((self.names or self.expert_tasks)[i], method, params, compute)
@@ -106,16 +132,34 @@ class Experts:
                                               for k in per_expert[0]})
 
 
+def skill_of(task: str) -> str:
+  """The skill (expert task) a task belongs to: a `_heldout` template's is the task it rewords."""
+  return task.removesuffix("_heldout")
+
+
+def own_expert(task: str, skills: Sequence[Sequence[str]]) -> int | None:
+  """The first expert whose skills hold `task`'s skill, None for a task without one."""
+  return next((i for i, tasks in enumerate(skills) if skill_of(task) in tasks), None)
+
+
 Builder = Callable[[Experts], Method]
-_BUILDERS: dict[str, Builder] = {}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-  """Decorator: `@register("arrow") def build_arrow(experts: Experts) -> Method`."""
+@dataclasses.dataclass(frozen=True)
+class Registration:
+  builder: Builder
+  auxiliary: tuple[str, ...]  # the kinds of per-expert auxiliary data it keeps in the library
+
+
+_REGISTERED: dict[str, Registration] = {}
+
+
+def register(name: str, auxiliary: Sequence[str] = ()) -> Callable[[Builder], Builder]:
+  """Decorator: `@register("arrow", auxiliary=("arrow_prototypes",)) def build_arrow(experts) -> Method`."""
   def add(builder: Builder) -> Builder:
-    if name in _BUILDERS and _BUILDERS[name] is not builder:
+    if name in _REGISTERED and _REGISTERED[name].builder is not builder:
       raise ValueError(f"method {name!r} is registered twice")
-    _BUILDERS[name] = builder
+    _REGISTERED[name] = Registration(builder, tuple(auxiliary))
     return builder
   return add
 
@@ -124,9 +168,9 @@ def available() -> tuple[str, ...]:
   """Every registered method name (the built-in ones first, in table order)."""
   for module in BUILTIN:
     importlib.import_module(module)
-  place = lambda name: BUILTIN.index(_BUILDERS[name].__module__) if _BUILDERS[name].__module__ in BUILTIN else len(
-      BUILTIN)
-  return tuple(sorted(_BUILDERS, key=place))  # stable: a module's own methods keep their order
+  module = lambda name: _REGISTERED[name].builder.__module__
+  place = lambda name: BUILTIN.index(module(name)) if module(name) in BUILTIN else len(BUILTIN)
+  return tuple(sorted(_REGISTERED, key=place))  # stable: a module's own methods keep their order
 
 
 def check(names: Sequence[str], where: str) -> None:
@@ -135,6 +179,12 @@ def check(names: Sequence[str], where: str) -> None:
     raise ConfigError(f"{where}: unknown method(s) {unknown}; expected some of {list(available())}")
 
 
+def auxiliary_data(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """{method: the kinds of auxiliary data it stores per expert in the library} for these methods."""
+  check(names, "methods")
+  return {name: _REGISTERED[name].auxiliary for name in names}
+
+
 def build(names: Sequence[str], experts: Experts) -> dict[str, Method]:
   check(names, "methods")
-  return {name: _BUILDERS[name](experts) for name in names}
+  return {name: _REGISTERED[name].builder(dataclasses.replace(experts, building=name)) for name in names}

@@ -122,7 +122,7 @@ class FixedShapeEmbedder:
     return np.concatenate([self.embed(padded[i:i + self.batch]) for i in range(0, len(padded), self.batch)])[:n]
 
 
-@register("retrieval")
+@register("retrieval", auxiliary=("retrieval_embeddings",))
 def build_retrieval(experts: Experts) -> Method:
   """One expert per example: the one whose stored training inputs (embedded by the backbone, cached in the
   library) its input most resembles."""
