@@ -5,6 +5,8 @@ tasks are registered on their first lookup, from the configs found there.
 """
 
 from tasks import bigbench  # noqa: F401
+from tasks import continual_t0  # noqa: F401
+from tasks import crossfit  # noqa: F401
 from tasks import demo  # noqa: F401
 from tasks import flan  # noqa: F401
 from tasks import p3  # noqa: F401

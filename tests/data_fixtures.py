@@ -7,11 +7,28 @@ included as the release has them. FLAN: rows with `inputs`, `targets`, `_task_so
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+
+@contextlib.contextmanager
+def data_root(path: str):
+  """The data root (`moe_jax.data.files.ENV_VAR`) set to `path` inside the block, the previous one restored after."""
+  from moe_jax.data import files  # pylint: disable=g-import-not-at-top
+
+  previous = os.environ.get(files.ENV_VAR)
+  os.environ[files.ENV_VAR] = path
+  try:
+    yield path
+  finally:
+    if previous is None:
+      del os.environ[files.ENV_VAR]
+    else:
+      os.environ[files.ENV_VAR] = previous
 
 P3_FEATURES = {
     "inputs": {"dtype": "int32", "shape": [None]},

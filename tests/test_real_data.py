@@ -39,13 +39,8 @@ def root(tmp_path_factory):
   with open(categories, "w") as f:
     json.dump({"task001_quoref_question_generation": "Question Generation"}, f)
   flan.split_release(release, path, categories)
-  previous = os.environ.get(files.ENV_VAR)
-  os.environ[files.ENV_VAR] = path
-  yield path
-  if previous is None:
-    del os.environ[files.ENV_VAR]
-  else:
-    os.environ[files.ENV_VAR] = previous
+  with fx.data_root(path):
+    yield path
 
 
 def _names(mixture):

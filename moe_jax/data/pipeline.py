@@ -147,7 +147,7 @@ def _with_eos(tokens: list[int], eos_id: int, max_length: int | None) -> np.ndar
 
 
 # Per-example fields a source may add for evaluation: strings or lists of strings, decoded and passed through.
-EXTRA_FIELDS = ("correct_choices", "references")
+EXTRA_FIELDS = ("correct_choices", "references", "source")
 
 
 @gin.configurable

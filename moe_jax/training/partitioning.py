@@ -167,6 +167,29 @@ def active() -> tuple[Mesh, Rules] | None:
   return None if mesh.empty else (mesh, nn.get_logical_axis_rules())
 
 
+class ReplicatedOnMesh:
+  """A host value (a small model's weights, a search index) copied whole to every device of the enclosing
+  `activate`'s mesh, or to the default device outside one: uploaded once per mesh, not with every batch."""
+
+  def __init__(self, value: Any):
+    self.value = value
+    self._placed: tuple[Any, Any] | None = None  # (mesh or None, the value on its devices)
+
+  def get(self) -> Any:
+    context = active()
+    mesh = None if context is None else context[0]
+    if self._placed is None or self._placed[0] != mesh:
+      self._placed = (mesh, jax.device_put(self.value, None if mesh is None else replicated(mesh)))
+    return self._placed[1]
+
+
+def batch_rows_on_mesh(rows: int) -> int:
+  """`rows` rounded up to a multiple of the enclosing mesh's batch shards (`place_batch` splits rows evenly)."""
+  context = active()
+  shards = 1 if context is None else batch_shards(*context)
+  return -(-rows // shards) * shards
+
+
 def place_batch(arrays: Any) -> Any:
   """A global batch that every process holds whole (evaluation inputs, unsharded data) onto the mesh of the
   enclosing `activate`, rows split per its `batch` rule; unchanged outside one. Every call gives the same
