@@ -183,6 +183,11 @@ EXPERT_TASKS = tuple(f"{PREFIX}_{s.name}" for s in HELDIN_SKILLS)  # expert i tr
 HELDOUT_TEMPLATE_TASKS = tuple(f"{t}_heldout" for t in EXPERT_TASKS)
 HELDOUT_TASKS = tuple(f"{PREFIX}_{s.name}_heldout" for s in HELDOUT_SKILLS)
 EVAL_TASKS = (*EXPERT_TASKS, *HELDOUT_TEMPLATE_TASKS, *HELDOUT_TASKS)
+# ELM's setting (gin/roe_demo.gin): one prompt expert per held-in (skill, template), and as targets every held-out
+# (skill, template): the held-in skills' new wordings and the held-out skills.
+PROMPT_EXPERT_TASKS = tuple(f"{PREFIX}_{s.name}_t{i}" for s in HELDIN_SKILLS for i in range(len(s.heldin)))
+PROMPT_TARGET_TASKS = tuple(f"{PREFIX}_{s.name}_heldout_t{i}" for s in (*HELDIN_SKILLS, *HELDOUT_SKILLS)
+                            for i in range(len(s.heldout)))
 PRETRAIN_TASK = f"{PREFIX}_pretrain"
 MIXTURES = {f"{PREFIX}_heldin": EXPERT_TASKS, f"{PREFIX}_heldout_templates": HELDOUT_TEMPLATE_TASKS,
             f"{PREFIX}_heldout": HELDOUT_TASKS}

@@ -231,6 +231,18 @@ def register(vocabulary: seqio.Vocabulary | None = None) -> None:
   register_skills(SKILLS, MIXTURES, vocabulary)
 
 
+def task_templates(skill: Skill) -> dict[str, tuple[str, ...]]:
+  """{task name: its templates} of a skill: `<prefix>_<name>` (the held-in templates in turn) and
+  `<prefix>_<name>_heldout` (the held-out ones), and one task per template, `<prefix>_<name>_t<i>` and
+  `<prefix>_<name>_heldout_t<i>`: the (dataset, prompt) tasks of ELM's prompt experts and targets."""
+  out = {}
+  for name, templates in ((f"{skill.prefix}_{skill.name}", skill.heldin),
+                          (f"{skill.prefix}_{skill.name}_heldout", skill.heldout)):
+    out[name] = templates
+    out.update({f"{name}_t{i}": (template,) for i, template in enumerate(templates)})
+  return out
+
+
 def register_skills(skills: Sequence[Skill], mixtures: dict[str, Sequence[str]],
                     vocabulary: seqio.Vocabulary | None = None) -> None:
   """(Re-)register each skill's held-in and held-out tasks (a skill without templates of a kind has no such task)
@@ -240,8 +252,7 @@ def register_skills(skills: Sequence[Skill], mixtures: dict[str, Sequence[str]],
   for name in mixtures:
     seqio.MixtureRegistry.remove(name)
   for skill in skills:
-    for name, templates in ((f"{skill.prefix}_{skill.name}", skill.heldin),
-                            (f"{skill.prefix}_{skill.name}_heldout", skill.heldout)):
+    for name, templates in task_templates(skill).items():
       seqio.TaskRegistry.remove(name)
       if templates:
         seqio.TaskRegistry.add(

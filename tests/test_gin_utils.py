@@ -1,5 +1,8 @@
 """Command-line gin handling: T5X-style flags, and one clear error for each kind of mistake."""
 
+import glob
+import os
+
 import gin
 import jax.numpy as jnp
 import pytest
@@ -76,3 +79,13 @@ def test_internal_errors_keep_their_traceback(capsys):
   with pytest.raises(ValueError, match="internal"):
     gin_utils.run_job(lambda: (_ for _ in ()).throw(ValueError("internal: name maps differ")))
   assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "gin", "*.gin"))))
+def test_every_job_config_parses(path):
+  """Each command's gin file parses with the configurables its job imports (a misspelt binding fails here)."""
+  import moe_jax.evaluate  # noqa: F401  (the evaluate and train commands' configurables)
+  import moe_jax.train  # noqa: F401
+
+  _configure([f"--gin_file={path}"])

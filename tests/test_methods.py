@@ -23,7 +23,7 @@ from moe_jax.methods import concatenate as concat
 from moe_jax.methods import oracle
 from moe_jax.methods import pipeline
 from moe_jax.methods.merged import merge_into_backbone
-from moe_jax.methods.retrieval import RetrievalIndex, prompt_mean_embedder
+from moe_jax.methods.instances import InstanceIndex, prompt_mean_embedder
 from moe_jax.models import ExpertConfig, Fixed, T5Config, Transformer, Uniform
 from moe_jax.models import experts as ex
 from moe_jax.plots import plot_routing
@@ -206,10 +206,10 @@ def test_retrieval_picks_the_expert_holding_the_example(backbone):
   per_expert = [rng.integers(2, TINY.vocab_size, (5, 6)).astype(np.int32) for _ in range(3)]
   per_expert[1][:, 4:] = 0  # padding must not matter to the embedding
   embed = prompt_mean_embedder(TINY, backbone)
-  index = RetrievalIndex.build(embed, [[p[:3], p[3:]] for p in per_expert], max_per_expert=4)
+  index = InstanceIndex.from_embeddings([embed(p[:4]) for p in per_expert])
   assert index.embeddings.shape == (12, TINY.d_model) and list(index.expert_ids) == [0] * 4 + [1] * 4 + [2] * 4
   queries = np.concatenate([per_expert[2][1:2], per_expert[0][3:4], per_expert[1][0:1]])
-  np.testing.assert_array_equal(index.route_tokens(queries), [2, 0, 1])
+  np.testing.assert_array_equal(index.nearest(embed(queries))[0], [2, 0, 1])
   # Embedding: the masked mean of the encoder output; similarities: max cosine per expert, in float64 NumPy.
   states = np.asarray(Transformer(TINY).apply({"params": backbone}, queries, method=Transformer.encode), np.float64)
   mask = (queries > 0)[..., None]

@@ -76,7 +76,7 @@ def _experts_live_in_the_library(run_dir):
   assert expert.info.backbone == metadata["backbone"] and expert.info.rank == 4
   assert expert.info.config["gate"]["total_steps"] == 2 and expert.info.config["expert"]["total_steps"] == 3
   aux = {e["method"] for e in library.auxiliary_entries("synthetic_sort")}
-  assert aux == {"arrow_prototypes", "average_activation", "retrieval_embeddings"}
+  assert aux == {"arrow_prototypes", "average_activation", "retrieval_embeddings", "roe_index"}
   before = json.load(open(run_dir / "results.json"))
   for folder in ("experts", "gates"):
     shutil.rmtree(run_dir / folder)

@@ -9,7 +9,8 @@ from moe_jax.methods import registry
 
 def test_builtin_methods_are_registered_in_table_order():
   assert registry.available() == ("multitask", "uniform", "merged", "merged_factors", "ties", "phatgoose_merged",
-                                  "phatgoose", "average_activation", "arrow", "retrieval", "oracle")
+                                  "phatgoose", "average_activation", "arrow", "retrieval", "roe", "roe_merged",
+                                  "best_expert", "oracle")
   with pytest.raises(ConfigError, match=r"unknown method\(s\) \['nope'\]"):
     registry.check(["phatgoose", "nope"], "methods")
 

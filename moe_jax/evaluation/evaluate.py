@@ -14,10 +14,20 @@ import flax.linen as nn
 import numpy as np
 
 from moe_jax import fs
+from moe_jax.errors import ConfigError
 from moe_jax.evaluation.scoring import choice_log_likelihoods, greedy_generate, pad_tokens, rank_classify
 
 MODES = ("rank", "generate", "auto")
 RoutingIdsFn = Callable[[str, Sequence[Mapping[str, Any]]], Sequence[int]]
+# The score reported per task: the first of these its metric functions give (rank classification gives accuracy).
+PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
+
+
+def primary_metric(metrics: Mapping[str, float]) -> float:
+  for name in PRIMARY_METRICS:
+    if name in metrics:
+      return float(metrics[name])
+  raise ConfigError(f"no primary metric ({PRIMARY_METRICS}) among {sorted(metrics)}")
 
 
 def _padded_length(longest: int, configured: int | None) -> int:

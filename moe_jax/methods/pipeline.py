@@ -39,6 +39,7 @@ from moe_jax.models.routers import Uniform
 from moe_jax.models.interface import build_model
 from moe_jax.plots import task_label
 from moe_jax.progress import JobProgress
+from moe_jax.evaluation.evaluate import primary_metric
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import loop
 from moe_jax.training import partitioning as part
@@ -46,8 +47,7 @@ from moe_jax.training.backbone import check_same
 
 METHODS = registry.available()
 MBC_METHODS = ("merged", "ties", "phatgoose", "arrow", "oracle")
-# The score reported per task: the first of these its metric functions give (rank classification gives accuracy).
-PRIMARY_METRICS = ("accuracy", "exact_match", "rougeLsum")
+GATED_METHODS = ("phatgoose", "phatgoose_merged")  # the methods that read the trained gates
 
 
 @gin.configurable(denylist=["gin_config_str"])
@@ -61,13 +61,18 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
                        feature_lengths: Mapping[str, int] | None = None, model_config: T5Config | None = None,
                        experts: ExpertConfig | None = None, seeds: Sequence[int] | None = None,
                        seed: int | None = None, library: str | None = None, mbc_clusters: int = 0,
-                       mbc_methods: Sequence[str] = MBC_METHODS, gin_config_str: str = "") -> str:
+                       mbc_methods: Sequence[str] = MBC_METHODS, prompt_experts: bool = False,
+                       gin_config_str: str = "") -> str:
   """Run every stage under `run_dir` and return the path of `results.md`.
 
   Every gated expert goes into the expert library at `library` (a URI, `moe_jax.library`; default:
   `run_dir/library`) under its task's name, and the methods are evaluated on the experts read back from there.
   An expert the library already holds with the same identity (backbone, vocabulary, layout and both stages'
   settings) is not trained again: point several runs at one library to share their experts.
+
+  `prompt_experts` (ELM's prompt experts): one expert per task of each of `expert_tasks` that is a mixture (a P3
+  dataset's templates; default: the demo's held-in (skill, template) tasks, evaluated on every held-out (skill,
+  template)). `gate_steps = 0` trains no gates (ELM's experts have none), for methods that do not read them.
 
   `mbc_clusters` > 0 adds Model-Based Clustering (`moe_jax.methods.mbc_job`): the library's experts clustered into
   that many clusters, one expert and gate trained per cluster on the union of its tasks (as each task expert is
@@ -93,6 +98,11 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
   """
   from tasks import common as task_common, demo, synthetic  # pylint: disable=g-import-not-at-top
 
+  if prompt_experts:  # ELM's prompt experts: one per task of each named mixture (a dataset's templates)
+    from moe_jax.data.pipeline import expand_tasks  # pylint: disable=g-import-not-at-top  (seqio)
+
+    expert_tasks = expand_tasks(expert_tasks or demo.PROMPT_EXPERT_TASKS)
+    eval_tasks = eval_tasks or demo.PROMPT_TARGET_TASKS
   expert_tasks = list(expert_tasks or demo.EXPERT_TASKS)
   if seeds:
     arguments = {k: v for k, v in locals().items() if k in _PIPELINE_ARGUMENTS}
@@ -102,6 +112,10 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
                             "library": None if library is None else _seed_library(library, s)})
     return write_seed_tables(run_dir, [fs.join(run_dir, f"seed_{s}") for s in seeds], expert_tasks)
   registry.check(methods, "phatgoose_pipeline.methods")
+  gated = sorted(set(methods) & set(GATED_METHODS))
+  if gate_steps == 0 and gated:
+    raise ConfigError(f"phatgoose_pipeline: gate_steps=0 trains no gates, but the methods {gated} route by them; "
+                      "give gate_steps > 0 or leave them out")
   if mbc_clusters:
     registry.check(mbc_methods, "phatgoose_pipeline.mbc_methods")
   config = model_config or T5Config()
@@ -160,8 +174,11 @@ def phatgoose_pipeline(run_dir: str = gin.REQUIRED, init_from: str | None = None
     expert_dir = fs.join(run_dir, "experts", task)
     stage(f"expert {task}", expert_dir, "expert", expert_steps, mixture_or_task_name=task, init_from=backbone_dir,
           experts=experts, backbone=backbone, **common)
-    gate_file = stage(f"gate {task}", fs.join(run_dir, "gates", task), "gate", gate_steps, mixture_or_task_name=task,
-                      init_from=backbone_dir, expert_from=expert_dir, experts=experts, backbone=backbone, **common)
+    gate_file = None  # gate_steps=0 (ELM's experts): no gate, zero router vectors
+    if gate_steps > 0:
+      gate_file = stage(f"gate {task}", fs.join(run_dir, "gates", task), "gate", gate_steps,
+                        mixture_or_task_name=task, init_from=backbone_dir, expert_from=expert_dir, experts=experts,
+                        backbone=backbone, **common)
     if jax.process_index() == 0:
       expert_library.add(library_expert(task, expert_dir, gate_file, identity_hash, gin_config_str))
   _sync(f"library {expert_library.uri}")
@@ -265,15 +282,18 @@ def _in_library(expert_library: ExpertLibrary, task: str, identity_hash: str) ->
   return True
 
 
-def library_expert(task: str, expert_dir: str, gate_file: str, identity_hash: str, gin_config_str: str) -> Expert:
-  """A gate stage's product (LoRA and trained gate vector) as a library expert named after its task, with both
-  stages' records as its config."""
-  weights, metadata = ckpt.load_experts(gate_file)
-  expert_stage = ckpt.read_expert_metadata(ckpt.expert_file(expert_dir))
+def library_expert(task: str, expert_dir: str, gate_file: str | None, identity_hash: str,
+                   gin_config_str: str) -> Expert:
+  """A gate stage's product (LoRA and trained gate vector), or without `gate_file` the expert stage's own (zero
+  router vectors), as a library expert named after its task, with the stages' records as its config."""
+  expert_file = ckpt.expert_file(expert_dir)
+  weights, metadata = ckpt.load_experts(gate_file or expert_file)
+  expert_stage = ckpt.read_expert_metadata(expert_file)
   info = ExpertInfo(name=task, tasks=[task], backbone=metadata.get("backbone"),
-                    config={"expert": expert_stage.get("config"), "gate": metadata.get("config")},
-                    gin_config=gin_config_str or None, identity=identity_hash, source=fs.absolute(gate_file),
-                    tags=["phatgoose", "gated"])
+                    config={"expert": expert_stage.get("config"), "gate": gate_file and metadata.get("config")},
+                    gin_config=gin_config_str or None, identity=identity_hash,
+                    source=fs.absolute(gate_file or expert_file),
+                    tags=["phatgoose", "gated"] if gate_file else ["expert"])
   return make_expert(info, weights)
 
 
@@ -299,7 +319,7 @@ def build_methods(names: Sequence[str], config: Any, backbone: Any, moe_tree: An
                   lengths: Mapping[str, int], mesh: Mesh, rules: part.Rules, multitask: Any = None,
                   expert_library: ExpertLibrary | None = None, expert_names: Sequence[str] = (),
                   expert_skills: Sequence[Sequence[str]] = (), eval_split: str = "validation",
-                  max_eval_examples: int | None = None) -> dict[str, registry.Method]:
+                  max_eval_examples: int | None = None, eval_batch_size: int = 32) -> dict[str, registry.Method]:
   """The model/params/routing of each named method (`moe_jax.methods.registry`) on the same backbone and experts
   (`multitask`: the multitask method's parameters, if not the backbone's), run inside
   `partitioning.activate(mesh, rules)`. With `expert_library` (holding expert i under the name `expert_names[i]`,
@@ -320,7 +340,7 @@ def build_methods(names: Sequence[str], config: Any, backbone: Any, moe_tree: An
   shared = registry.Experts(config, backbone, moe_tree, with_experts, tuple(expert_tasks), top_k, base, lengths,
                             mesh, rules, multitask, expert_library, activation_examples, retrieval_examples,
                             tuple(expert_names), tuple(tuple(s) for s in expert_skills), eval_split,
-                            max_eval_examples)
+                            max_eval_examples, eval_batch_size)
   return registry.build(names, shared)
 
 
@@ -363,37 +383,47 @@ def evaluate_methods(run_dir: str, config: T5Config, loaded: Any, moe: tuple[Any
     names = [e.get("name") or e["task"] for e in metadata.get("experts", [])]
     built = build_methods(methods, config, loaded.params, moe_tree, expert_tasks, top_k, experts,
                           activation_examples, retrieval_examples, lengths, mesh, rules, multitask, expert_library,
-                          names, skills, split, max_examples)
+                          names, skills, split, max_examples, batch_size)
     bar = tqdm(total=len(built) * len(eval_tasks), desc="evaluate methods", unit="task",
                disable=jax.process_index() != 0)
+    metrics: dict[str, dict[str, dict[str, float]]] = {}  # every metric of every task a group expands to
     for name, method in built.items():
-      table[name] = {}
+      table[name], metrics[row_prefix + name] = {}, {}
       for group in eval_tasks:
         bar.update(1)
         if name == "oracle" and own(group) is None:
           table[name][group] = float("nan")  # a held-out task has no expert of its own
           continue
-        scores = [primary_metric(evaluate_task(method.model, method.params_for(task), task, split, batch_size,
-                                               lengths, "auto", max_examples=max_examples,
-                                               routing_ids_fn=method.routing_ids_fn)["metrics"])
-                  for task in expand_tasks([group])]
-        table[name][group] = float(np.mean(scores))
+        for task in expand_tasks([group]):
+          metrics[row_prefix + name][task] = evaluate_task(
+              method.model, method.params_for(task), task, split, batch_size, lengths, "auto",
+              max_examples=max_examples, routing_ids_fn=method.routing_ids_fn)["metrics"]
+        table[name][group] = float(np.mean([primary_metric(metrics[row_prefix + name][task])
+                                            for task in expand_tasks([group])]))
       bar.write(f"{row_prefix}{name}: mean score {np.nanmean(list(table[name].values())):.2f}")
     bar.close()
     heldin = [t for t in eval_tasks if t in {task for s in skills for task in s}]
     report = routing_report(built, table, eval_tasks, heldin, len(expert_tasks), top_k, own, split, lengths,
                             max_examples)
   rows = {**{row_prefix + name: scores for name, scores in table.items()}, **(more_rows or {})}
-  path = write_table(rows, eval_tasks, run_dir, [task for s in skills for task in s], report.markdown)
+  selected = {row_prefix + name: m.selected for name, m in built.items() if m.selected}
+  path = write_table(rows, eval_tasks, run_dir, [task for s in skills for task in s],
+                     report.markdown + _selected_markdown(selected, eval_tasks), metrics)
+  if selected and jax.process_index() == 0:
+    fs.write_text(fs.join(run_dir, "selected_experts.json"), json.dumps(selected, indent=1) + "\n")
   write_routing_files(report, run_dir, eval_tasks, [task_label(n) for n in names or expert_tasks])
   return path
 
 
-def primary_metric(metrics: Mapping[str, float]) -> float:
-  for name in PRIMARY_METRICS:
-    if name in metrics:
-      return float(metrics[name])
-  raise ConfigError(f"no primary metric ({PRIMARY_METRICS}) among {sorted(metrics)}")
+def _selected_markdown(selected: Mapping[str, Mapping[str, Sequence[str]]], tasks: Sequence[str]) -> str:
+  """A results.md section: the experts each per-task method (retrieval of experts, best expert) chose per task."""
+  if not selected:
+    return ""
+  rows = ["| task | " + " | ".join(selected) + " |", "|" + "---|" * (len(selected) + 1)]
+  for task in tasks:
+    cells = [", ".join(chosen.get(task, [])) or "n/a" for chosen in selected.values()]
+    rows.append(f"| {task_label(task)} | " + " | ".join(cells) + " |")
+  return "\n## Experts selected per task\n\n" + "\n".join(rows) + "\n"
 
 
 def _groups(tasks: Sequence[str], expert_tasks: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -421,10 +451,12 @@ def _markdown_table(table: Mapping[str, Mapping[str, float]], columns: Sequence[
 
 
 def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], run_dir: str,
-                expert_tasks: Sequence[str] = (), appendix: str = "") -> str:
+                expert_tasks: Sequence[str] = (), appendix: str = "",
+                metrics: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> str:
   """results.md (method x task score, with the `_groups` means) then `appendix`, and results.json, written by
   process 0 only; returns the results.md path on every process. A score that does not exist (oracle routing of a
-  task with no expert) is NaN, shown as n/a, and so is any mean over it."""
+  task with no expert) is NaN, shown as n/a, and so is any mean over it. results.json also keeps `metrics`
+  ({row: {task: every metric}}), per task a group expands to: each prompt of a dataset, BLEU beside ROUGE."""
   groups = _groups(tasks, expert_tasks)
   summary = _summary(table, groups)
   labels = [label for label, _ in groups]
@@ -435,5 +467,6 @@ def write_table(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], 
   path = fs.join(run_dir, "results.md")
   if jax.process_index() == 0:
     fs.write_text(path, text)
-    fs.write_text(fs.join(run_dir, "results.json"), json.dumps({"tasks": table, "summary": summary}, indent=2) + "\n")
+    fs.write_text(fs.join(run_dir, "results.json"), json.dumps(
+        {"tasks": table, "summary": summary, **({"metrics": metrics} if metrics else {})}, indent=2) + "\n")
   return path

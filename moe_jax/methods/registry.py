@@ -34,7 +34,7 @@ from moe_jax.training import partitioning as part
 # The modules whose builders make up the methods moe_jax ships, in the order results tables list them.
 BUILTIN = ("moe_jax.methods.baselines", "moe_jax.methods.merged", "moe_jax.methods.merging",
            "moe_jax.methods.phatgoose", "moe_jax.methods.average_activation", "moe_jax.methods.arrow",
-           "moe_jax.methods.retrieval", "moe_jax.methods.oracle")
+           "moe_jax.methods.retrieval", "moe_jax.methods.roe", "moe_jax.methods.oracle")
 
 
 @dataclasses.dataclass
@@ -48,6 +48,7 @@ class Method:
   routing_ids_fn: Callable[[str, Sequence[dict]], Sequence[int]] | None = None
   task_params: Callable[[str], Any] | None = None
   diagnose: bool = True  # whether its routing is worth diagnosing (not the oracle's, right by construction)
+  selected: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # task -> the experts chosen for it
 
   def params_for(self, task: str) -> Any:
     return self.params if self.task_params is None else self.task_params(task)
@@ -78,6 +79,7 @@ class Experts:
   skills: tuple[tuple[str, ...], ...] = ()
   eval_split: str = "validation"  # what evaluation scores, for methods that read a task's inputs before scoring it
   max_eval_examples: int | None = None
+  eval_batch_size: int = 32
   building: str = ""  # the method being built (`build` sets it): what `auxiliary` checks declarations against
 
   def expert_skills(self) -> tuple[tuple[str, ...], ...]:
@@ -116,10 +118,13 @@ class Experts:
                        f"(register({self.building!r}, auxiliary=(...)))")
     if self.library is None:
       return dict(compute())
-    return self.library.auxiliary((self.names or self.expert_tasks)[i], method, params, compute)
+    return self.library.auxiliary(self.expert_names()[i], method, params, compute)
 
   def one_expert(self, i: int) -> Any:
     return jax.tree.map(lambda x: x[i:i + 1], self.moe_tree)
+
+  def expert_names(self) -> tuple[str, ...]:
+    return self.names or self.expert_tasks
 
   def per_expert_routers(self, method: str, params: Mapping[str, Any],
                          compute: Callable[[int, str], Any]) -> Any:
