@@ -13,6 +13,7 @@ import gin
 
 from moe_jax import gin_utils
 from moe_jax.data import pipeline  # noqa: F401  (registers the data configurables before gin locks)
+from moe_jax.methods import mbc_job  # noqa: F401  (the pipeline's Model-Based Clustering, configurable)
 from moe_jax.methods import pipeline as phatgoose_pipeline  # noqa: F401  (registers the pipeline job)
 from moe_jax.training import loop
 

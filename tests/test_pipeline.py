@@ -199,6 +199,7 @@ def test_demo_gin_runs_through_the_cli(tmp_path):
               "phatgoose_pipeline.eval_tasks=['synthetic_sort', 'synthetic_reverse_heldout']",
               "phatgoose_pipeline.max_eval_examples=8", "phatgoose_pipeline.activation_examples=8",
               "phatgoose_pipeline.retrieval_examples=8", "train.batch_size=8", "ExpertConfig.rank=2",
+              "MBC_CLUSTERS=1", "phatgoose_pipeline.mbc_methods=['merged']", "roe_settings.instances=4",
               "T5Config.num_encoder_layers=1", "T5Config.num_decoder_layers=1"]
   done = subprocess.run([sys.executable, "-m", "moe_jax.train", "--gin_file=gin/phatgoose.gin",
                          *(f"--gin_bindings={b}" for b in bindings)], cwd=tmp_path, capture_output=True, text=True,
@@ -206,7 +207,7 @@ def test_demo_gin_runs_through_the_cli(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"done: {tmp_path / 'results.md'}" in done.stdout
   table = json.load(open(tmp_path / "results.json"))["tasks"]
-  assert sorted(table) == sorted(pipeline.METHODS)  # gin/phatgoose.gin lists every method
+  assert sorted(table) == sorted([*pipeline.METHODS, "mbc/merged"])  # gin/phatgoose.gin lists every method
   # the demo's stages: a pretrained backbone, a separate multitask model, experts and gates from the backbone
   assert all((tmp_path / d).is_dir()
              for d in ("backbone", "multitask", "experts/synthetic_sort", "gates/synthetic_sort"))
