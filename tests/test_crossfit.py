@@ -164,6 +164,9 @@ def test_tasks_register_and_read_every_row(cf, root):
         assert [e["references"] for e in got] == [outs for _, outs in expected]
   vocab = pipeline.get_provider(run_name("kilt_nq", 13)).output_features["inputs"].vocabulary
   assert vocab.decode(got[0]["inputs"].tolist()) == got[0]["inputs_pretokenized"] and got[0]["inputs"][-1] == 1
+  # A training stage's vocabulary check passes them: the scalar task id is not text in another vocabulary.
+  from moe_jax.data import vocab as vocab_lib
+  vocab_lib.check_tasks([run_name("kilt_nq", 13)], vocab_lib.binding(), 264, "tiny")
 
 
 def test_task_ids_reach_the_mixed_examples(cf, root):

@@ -98,14 +98,39 @@ def _use_data_root() -> None:
   seqio.add_global_cache_dirs([root])
 
 
+TASK_IDS = "task_ids"  # a rank-0 int32 feature of tasks that carry their task's id (CrossFit; moe_jax.taskmoe.tasks)
+
+
+class EncDecWithTaskIds(seqio.EncDecFeatureConverter):
+  """seqio's EncDec features plus the example's `task_ids` (rank 0, so [batch] once batched) when the tasks carry
+  one, for the task-level MoE, which routes each example by its task. seqio's converter drops every feature it
+  does not know; this one passes `task_ids` on, unpacked only: a packed row would hold examples of several tasks
+  (with `pack=True` the ids are dropped, as before, and the task-level MoE's stages refuse packing)."""
+
+  MODEL_FEATURES = {**seqio.EncDecFeatureConverter.MODEL_FEATURES,
+                    TASK_IDS: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0)}
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    if TASK_IDS not in ds.element_spec or self.pack:
+      return seqio.EncDecFeatureConverter(pack=self.pack)(ds, task_feature_lengths)
+    return super().__call__(ds, task_feature_lengths)
+
+  def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+    return {**super()._convert_example(features), TASK_IDS: tf.cast(features[TASK_IDS], tf.int32)}
+
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+    return {**super().get_model_feature_lengths(task_feature_lengths), TASK_IDS: 1}  # rank 0: no length checked
+
+
 def feature_converter(decoder_only: bool, pack: bool) -> seqio.FeatureConverter:
-  """An encoder-decoder reads seqio's EncDec features. A decoder-only model reads PrefixLM features: "input target"
-  as one sequence (decoder_input_tokens: it shifted right after the start token 0; decoder_target_tokens: it), loss
-  on the target tokens only, unpacked (our causal LMs have no segment-aware attention, and they attend causally
-  over the input too)."""
+  """An encoder-decoder reads seqio's EncDec features (plus `task_ids` when the tasks carry them, unpacked:
+  `EncDecWithTaskIds`). A decoder-only model reads PrefixLM features: "input target" as one sequence
+  (decoder_input_tokens: it shifted right after the start token 0; decoder_target_tokens: it), loss on the target
+  tokens only, unpacked (our causal LMs have no segment-aware attention, and they attend causally over the input
+  too)."""
   if decoder_only:
     return seqio.PrefixLMFeatureConverter(loss_on_targets_only=True, pack=False)
-  return seqio.EncDecFeatureConverter(pack=pack)
+  return EncDecWithTaskIds(pack=pack)
 
 
 @gin.configurable
@@ -116,7 +141,8 @@ def train_batches(mixture_or_task: str, feature_lengths: Mapping[str, int], batc
 
   Keys: encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights, each
   [batch_size, length] with lengths from `feature_lengths` ({'inputs': Li, 'targets': Lt}); packing adds
-  encoder/decoder_segment_ids and encoder/decoder_positions. `batch_size` is this shard's batch (one shard per
+  encoder/decoder_segment_ids and encoder/decoder_positions; tasks with a `task_ids` feature (CrossFit, the
+  task-level MoE's tasks) add `task_ids` [batch_size] when unpacked. `batch_size` is this shard's batch (one shard per
   host); the shards see disjoint examples. The order is a pure function of the arguments, so a run resumed with
   `start_batch` = the number of batches it consumed gets exactly the batches the uninterrupted run would have.
   Skipping replays the input pipeline (no model work), which takes time in proportion to `start_batch`.

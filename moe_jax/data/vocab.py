@@ -249,7 +249,7 @@ def check_tasks(task_names: list[str], spec: VocabSpec, vocab_size: int, model_n
     for task in getattr(provider, "tasks", [provider]):
       for feature, value in task.output_features.items():
         vocabulary = value.vocabulary
-        if vocabulary is run_vocabulary():
+        if vocabulary is run_vocabulary() or value.rank == 0:  # a scalar feature (a task id) is not text
           continue
         if vocabulary != run or vocabulary.vocab_size > vocab_size:
           raise MismatchError(f"task {task.name!r} ({feature}) tokenises with {vocabulary!r} ({vocabulary.vocab_size} "

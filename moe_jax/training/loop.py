@@ -4,6 +4,8 @@ Stages and what each leaves in `model_dir` (data flows one way):
   multitask  the whole backbone trains            -> `backbone/` (orbax; the next stages' `init_from`)
   expert     one LoRA expert, backbone frozen     -> `expert.safetensors` (lora_a, lora_b, zero router) + metadata
   gate       the expert's sigmoid gate only       -> `expert.safetensors` with the trained gate as router vector
+  taskmoe_stage1/2  a task-level MoE (`train.taskmoe`; `moe_jax.taskmoe.stages`) -> `taskmoe/` (orbax, every
+             parameter; `moe_jax.taskmoe.checkpoint`)
 With `validate_every`, expert and gate runs also keep `best.safetensors` (the lowest validation loss so far), which
 becomes the product.
 Every stage also writes `config.gin` (the effective configuration), `checkpoints/` (orbax; resumed automatically),
@@ -38,6 +40,8 @@ from moe_jax.models.config import ExpertConfig, T5Config
 from moe_jax.models.routers import SigmoidGate, Uniform
 from moe_jax.models import interface
 from moe_jax.models.interface import build_model
+from moe_jax.models.taskmoe import TaskMoEConfig, gumbel_temperature, softmax_temperature
+from moe_jax.taskmoe import tasks as taskmoe_tasks  # its gin configurables (task ids), registered before gin locks
 from moe_jax.training import checkpointing as ckpt
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
@@ -53,12 +57,18 @@ CHECKPOINT_DIR = "checkpoints"
 
 def stage_product(model_dir: str, stage: str) -> str:
   """Where a finished stage's product lives."""
+  if stage in opt.TASKMOE_STAGES:
+    from moe_jax.taskmoe.checkpoint import TASKMOE_DIR  # pylint: disable=g-import-not-at-top
+    return fs.join(model_dir, TASKMOE_DIR)
   return fs.join(model_dir, BACKBONE_DIR if stage == "multitask" else ckpt.EXPERT_FILE)
 
 
 def stage_experts(stage: str, experts: ExpertConfig | None) -> ExpertConfig | None:
   """The expert layout a stage trains: none for multitask, one expert (plain LoRA) for expert training, one expert
-  behind a sigmoid gate for gate training. `experts` supplies the modules, rank and init."""
+  behind a sigmoid gate for gate training. `experts` supplies the modules, rank and init. A task-level MoE's
+  stages train the `TaskMoEConfig` given."""
+  if isinstance(experts, TaskMoEConfig):
+    return experts
   if stage == "multitask":
     return None
   base = experts or ExpertConfig()
@@ -102,6 +112,11 @@ def stage_record(stage: str, task: str, config: T5Config, layout: ExpertConfig |
   and the optimizer, step and data settings gin gives them. Products record it (with its hash); a run whose record
   differs does not reuse them. Sharding, microbatching, logging and checkpoint cadence are left out: they do not
   change what is computed."""
+  if isinstance(layout, TaskMoEConfig):  # its own settings: the routing, its schedules and learning rates
+    settings["taskmoe"] = {**dataclasses.asdict(layout), "learning_rates": opt.taskmoe_learning_rates(),
+                           "gumbel_temperature": effective_settings(gumbel_temperature, ("step",)),
+                           "softmax_temperature": effective_settings(softmax_temperature, ("step",))}
+    layout = None
   return identity.plain({
       "stage": stage, "task": task, "model": {**config.architecture(), "dtype": config.dtype},
       "experts": None if layout is None else {"modules": layout.modules, "rank": layout.rank,
@@ -128,7 +143,11 @@ def planned_record(stage: str, task: str, config: T5Config, experts: ExpertConfi
 
 def _product_record(product: str, stage: str) -> dict[str, Any]:
   """The record an existing product was made with (see `stage_record`), in the form `_expected_record` gives."""
-  found = read_backbone_metadata(product) if stage == "multitask" else ckpt.read_expert_metadata(product)
+  if stage in opt.TASKMOE_STAGES:
+    from moe_jax.taskmoe.checkpoint import read_metadata  # pylint: disable=g-import-not-at-top
+    found = read_metadata(product)
+  else:
+    found = read_backbone_metadata(product) if stage == "multitask" else ckpt.read_expert_metadata(product)
   backbone = found.get("parent") if stage == "multitask" else found.get("backbone")
   return {"backbone_weights": (backbone or {}).get("weights"),
           "vocabulary": (backbone or {}).get("vocabulary"), "config": found.get("config")}
@@ -151,7 +170,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           num_microbatches: int = 1, total_steps: int = 1000, init_from: str | None = None,
           expert_from: str | None = None, save_every: int = 100, log_every: int = 10, seed: int = 42,
           resume: bool = True, validate_every: int = 0, validation_batches: int = 8, overwrite: bool = False,
-          checkpoint_dir: str | None = None, gin_config_str: str = "", backbone: Backbone | None = None) -> str:
+          checkpoint_dir: str | None = None, gin_config_str: str = "", backbone: Backbone | None = None,
+          taskmoe: TaskMoEConfig | None = None) -> str:
   """Train one stage and return the path of its product (see the module docstring).
 
   `batch_size` is the global batch per optimizer step, split into `num_microbatches` accumulated microbatches
@@ -165,6 +185,11 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
   (`stage_record`); otherwise the run stops, saying what differs, unless `overwrite=True`, which replaces the
   product and the checkpoints of the other run. `backbone`: an already loaded `Backbone` (the pipeline loads it
   once for all its stages); else `init_from` is loaded.
+
+  `taskmoe` (the task-level MoE's stages `taskmoe_stage1` / `taskmoe_stage2`, `moe_jax.taskmoe.stages`): the
+  model is a `TaskMoE` on the backbone of `init_from`, expanded (stage 1) or loaded from the TaskMoE checkpoint
+  `expert_from` (stage 2: the output of `python -m moe_jax.taskmoe.stage2`); batches must be unpacked and carry
+  `task_ids`.
   """
   config = model_config or T5Config()
   model_dir = fs.absolute(model_dir)
@@ -177,6 +202,9 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
     raise ConfigError(f"train.batch_size={batch_size} is not divisible by train.num_microbatches={num_microbatches}")
   if validate_every and stage == "multitask":
     raise ConfigError("train.validate_every keeps the best expert: it applies to the expert and gate stages only")
+  if stage in opt.TASKMOE_STAGES or taskmoe is not None:
+    _check_taskmoe(stage, taskmoe, validate_every)
+    experts = taskmoe
   mesh, rules = part.make_mesh(), part.axis_rules()
   shards = part.batch_shards(mesh, rules)
   if (batch_size // num_microbatches) % shards:
@@ -195,10 +223,28 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                         validation_batches, overwrite, gin_config_str, backbone, mesh, rules)
 
 
+def _check_taskmoe(stage: str, taskmoe: TaskMoEConfig | None, validate_every: int) -> None:
+  """A task-level MoE's stage needs its config, unpacked batches (a row is routed by its one task) and no expert
+  validation."""
+  if stage not in opt.TASKMOE_STAGES:
+    raise ConfigError(f"train.taskmoe is set but train.stage={stage!r}; the task-level MoE trains in "
+                      f"{opt.TASKMOE_STAGES}")
+  if taskmoe is None:
+    raise ConfigError(f"train.stage={stage!r} needs train.taskmoe = @TaskMoEConfig() (gin/taskmoe_stage1.gin)")
+  if gin.get_bindings("moe_jax.data.pipeline.train_batches").get("pack", False):
+    raise ConfigError("the task-level MoE routes each row by its task: set train_batches.pack = False")
+  if validate_every:
+    raise ConfigError("train.validate_every keeps the best expert file; the task-level MoE stages keep their last "
+                      "step (set train.validate_every = 0)")
+
+
 def _stage_params(stage: str, task: str, config: Any, layout: ExpertConfig | None, seed: int,
                   expert_from: str | None, backbone: Backbone) -> tuple[Any, dict[str, Any] | None]:
   """(initial parameters, the parent expert's record or None): the backbone (copied: the train step donates its
   state, and the backbone may be shared) with fresh experts (expert stage) or the expert to gate (gate stage)."""
+  if isinstance(layout, TaskMoEConfig):
+    from moe_jax.taskmoe.stages import initial_params  # pylint: disable=g-import-not-at-top
+    return initial_params(stage, layout, build_model(config, layout), backbone, seed, expert_from)
   params = jax.tree.map(lambda x: x.copy(), backbone.params)
   if stage == "expert":
     return ex.merge(params, ex.init_experts(config, layout, expert_key(seed, task))), None
@@ -268,7 +314,8 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
   optimizer = opt.make_optimizer(stage, part.abstract_params(model), total_steps=total_steps)
   state = create_train_state(params, model, optimizer, mesh, rules)
   del params
-  metadata = ckpt.checkpoint_metadata(stage, config, layout, task, backbone.record(), record)
+  metadata = ckpt.checkpoint_metadata(stage, config, None if isinstance(layout, TaskMoEConfig) else layout, task,
+                                      backbone.record(), record)
   checkpointer = ckpt.Checkpointer(checkpoint_dir, metadata)
   data_position = 0
   if resume and checkpointer.latest_step() is not None:
@@ -279,6 +326,8 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
   batches = pipeline.train_batches(task, lengths, batch_size // jax.process_count(), seed=seed,
                                    start_batch=data_position, shard_index=jax.process_index(),
                                    num_shards=jax.process_count(), decoder_only=decoder_only)
+  if isinstance(layout, TaskMoEConfig):
+    batches = _with_task_ids(batches, task, layout)
   step_fn = make_train_step(model, optimizer, stage, mesh, rules, num_microbatches)
   writer = MetricsWriter(model_dir, resume_step=int(state.step))
   product_metadata = {"stage": stage, "backbone": backbone.record(), "config": record,
@@ -308,7 +357,14 @@ def _train_stage(model_dir: str, checkpoint_dir: str, task: str, stage: str, con
 def _save_product(product: str, stage: str, params: Any, config: Any, task: str, record: dict[str, Any],
                   backbone: Backbone, keep_best: KeepBest | None, product_metadata: dict[str, Any]) -> None:
   """A finished stage's product: the whole backbone (multitask), the best validated expert, or the last one."""
-  if stage == "multitask":
+  if stage in opt.TASKMOE_STAGES:
+    from moe_jax.taskmoe.checkpoint import save_taskmoe  # pylint: disable=g-import-not-at-top
+    moe = TaskMoEConfig(**{k: v for k, v in record["taskmoe"].items() if k in TaskMoEConfig.__dataclass_fields__})
+    save_taskmoe(product, params, config, moe, {
+        "stage": stage, "task": task, "config": record, "config_hash": identity.config_hash(record),
+        "backbone": backbone.record(), "vocabulary": backbone.vocabulary.record(),
+        "vocabulary_path": backbone.vocabulary.path, "task_ids": _task_ids(task)})
+  elif stage == "multitask":
     save_backbone(product, params, config, {
         "task": task, "config": record, "config_hash": identity.config_hash(record), "parent": backbone.record(),
         "vocabulary": backbone.vocabulary.record(), "vocabulary_path": backbone.vocabulary.path})
@@ -316,6 +372,22 @@ def _save_product(product: str, stage: str, params: Any, config: Any, task: str,
     keep_best.finish(product)
   else:
     ckpt.save_experts(product, params, ckpt.expert_metadata(params, config, task, **product_metadata))
+
+
+def _task_ids(task: str) -> dict[str, int]:
+  """The ids `moe_jax.taskmoe.tasks.with_task_ids` gave the tasks of `task`, for the TaskMoE product to record."""
+  return taskmoe_tasks.known_ids(task)
+
+
+def _with_task_ids(batches: Any, task: str, moe: TaskMoEConfig) -> Any:
+  """The batches, checked on the first: a routing that reads the task needs each example's `task_ids`."""
+  import itertools  # pylint: disable=g-import-not-at-top
+
+  first = next(batches)
+  if "task_ids" not in first and moe.routing not in ("average", "random_instance"):
+    raise ConfigError(f"{task}: its batches carry no task_ids, which routing={moe.routing!r} reads; train on a "
+                      "CrossFit mixture or on moe_jax.taskmoe.tasks.with_task_ids(...)")
+  return itertools.chain([first], batches)
 
 
 def _run(state: Any, step_fn: Any, batches: Any, mesh: Any, rules: Any, checkpointer: ckpt.Checkpointer,

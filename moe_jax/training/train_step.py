@@ -75,8 +75,11 @@ def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.A
   return jnp.sum(loss * weights), jnp.sum(weights)
 
 
-def _loss_sum(model: nn.Module, params: Any, batch: Batch, z_loss: float, rng: jax.Array | None):
-  logits, targets, weights = interface.logits_and_targets(model, params, batch, deterministic=rng is None, rng=rng)
+def _loss_sum(model: nn.Module, params: Any, batch: Batch, z_loss: float, rng: jax.Array | None,
+              step: jax.Array | None = None):
+  """`step` (the optimizer step) reaches models whose forward depends on it (TaskMoE's temperature schedules)."""
+  logits, targets, weights = interface.logits_and_targets(model, params, batch, deterministic=rng is None, rng=rng,
+                                                          step=step)
   return weighted_cross_entropy(logits, targets, weights, z_loss)
 
 
@@ -114,7 +117,8 @@ def train_step_fn(model: nn.Module, optimizer: optax.GradientTransformation, sta
     normalizer = _normalizer(weight_sum)
 
     def loss_fn(trainable, micro, index):
-      loss_sum, _ = _loss_sum(model, ex.merge(frozen, trainable), micro, z_loss, jax.random.fold_in(rng, index))
+      loss_sum, _ = _loss_sum(model, ex.merge(frozen, trainable), micro, z_loss, jax.random.fold_in(rng, index),
+                              state.step)
       return loss_sum / normalizer
 
     grad_fn = jax.value_and_grad(loss_fn)
