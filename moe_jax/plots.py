@@ -74,7 +74,8 @@ def plot_routing_diagnostics(diagnostics: Diagnostics, tasks: Sequence[str], pat
   own_ax.axhline(diagnostics["chance_share"], color="gray", linestyle="--", label="chance (1/E)")
   entropy_ax.axhline(diagnostics["max_entropy"], color="gray", linestyle="--", label="max (log2 E)")
   own_ax.set(ylabel="share of routing choices\nto the task's own expert", ylim=(0.0, 1.02))
-  entropy_ax.set(ylabel="routing entropy (bits)", ylim=(0.0, 1.05 * diagnostics["max_entropy"]))
+  # One expert (an MBC library of one cluster) has no entropy to show: keep the axis from collapsing to 0.
+  entropy_ax.set(ylabel="routing entropy (bits)", ylim=(0.0, max(1.05 * diagnostics["max_entropy"], 0.1)))
   decoder = [i for i, n in enumerate(names) if n.startswith("decoder/")]
   for ax in (own_ax, entropy_ax):
     if decoder and decoder[0] > 0:
