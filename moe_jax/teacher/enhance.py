@@ -1,0 +1,227 @@
+"""Enhance a prepared dataset with a teacher's rationales: `python -m moe_jax.teacher enhance --gin_file=...`.
+
+Each row's prompt field (`cot`, `error` or `fundamental` of `moe_jax.teacher.formats`) is continued by the teacher
+with `moe_jax.models.decoding.generate`, and the row gains `cot` (the generated text, after the trigger), `all`
+(prompt and generation decoded as one sequence, as the seed's `decode(output[0])`) and `cot_tail` (`all` with runs
+of spaces collapsed); as in the seed, `cot` replaces the prompt field of that name. A row whose prompt does not fit `max_prompt_length` keeps `enhance_error` instead (and None
+in those three fields); nothing else stops the run.
+
+Output does not depend on batching or on interruptions:
+- every row is sampled with its own key, `fold_in(PRNGKey(seed), row index)`, through a vmap of batch-1
+  generations, and every prompt is left-padded to the same `max_prompt_length`, so a row's computation is the
+  same whatever its batchmates and batch size (one compilation, too);
+- rows are written in chunks of `chunk_size`, each an atomic file `OUTPUT.parts/part-NNNNN.jsonl` (`moe_jax.fs`);
+  a rerun skips the chunks that exist and, when all do, writes OUTPUT as their concatenation (atomically). A kill
+  at any moment leaves whole chunks or none, so the rerun's OUTPUT is byte for byte the uninterrupted run's.
+  `OUTPUT.parts/manifest.json` records what decides the rows (input file hash, teacher weights, field, sampling,
+  lengths, chunking); a rerun with other settings stops instead of mixing two runs' rows (`overwrite=True` starts
+  afresh).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from moe_jax import fs
+from moe_jax.checkpoints.identity import weights_checksum
+from moe_jax.data import vocab
+from moe_jax.errors import ConfigError, MismatchError, MissingFileError
+from moe_jax.models import decoding
+from moe_jax.models.causal import CausalLM, CausalLMConfig, causal_step_fn, init_cache
+from moe_jax.models.interface import build_model
+from moe_jax.teacher import formats
+from moe_jax.teacher.text import Codec, codec_for
+from moe_jax.training import partitioning as part
+from moe_jax.training.backbone import BACKBONE_DIR, restore_backbone
+
+PARTS_SUFFIX = ".parts"
+MANIFEST = "manifest.json"
+OUTPUT_FIELDS = ("cot", "all", "cot_tail")
+
+
+def part_path(parts_dir: str, chunk: int) -> str:
+  return fs.join(parts_dir, f"part-{chunk:05d}.jsonl")
+
+
+def model_config_for(model_path: str | None, model_config: CausalLMConfig | None) -> CausalLMConfig:
+  """The bound config, else a HF directory's own config.json; a moe_jax run dir needs the binding."""
+  if model_config is not None:
+    return model_config
+  if model_path and fs.isfile(fs.join(model_path, "config.json")):
+    from moe_jax.checkpoints.hf_causal import config_from_hf_causal  # pylint: disable=g-import-not-at-top
+    return config_from_hf_causal(model_path)
+  raise ConfigError(f"model {model_path!r} has no config.json: bind its model config (include a gin/models/*.gin "
+                    "file and model_config = @CausalLMConfig())")
+
+
+class Loaded(NamedTuple):
+  """A causal LM ready to generate or score: module, parameters on the mesh, their checksum, and its codec."""
+
+  model: CausalLM
+  params: Any
+  weights: str
+  codec: Codec
+
+
+def load_causal(model_path: str | None, config: CausalLMConfig, seed: int = 0) -> Loaded:
+  """A HF causal LM directory, a multitask run dir (or its `backbone/`) of this package, or (None) a random model
+  of `seed`, placed on the mesh. Unlike `training.backbone.load_backbone` this builds no seqio vocabulary, so
+  generation and scoring run without TensorFlow (the GPU machines have none)."""
+  model = build_model(config)
+  mesh, rules = part.make_mesh(), part.axis_rules()
+  shardings = part.logical_shardings(part.abstract_params(model), mesh, rules)
+  if model_path is None:
+    tokens = jnp.ones((1, 1), jnp.int32)
+    init = lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens, tokens))["params"]
+    params = jax.jit(init, out_shardings=shardings)()
+    spec = vocab.binding()
+  elif not fs.exists(model_path):
+    raise MissingFileError(f"model {model_path!r} does not exist (a HF causal LM directory or a multitask run dir)")
+  elif fs.isfile(fs.join(model_path, "config.json")):
+    from moe_jax.checkpoints.hf_causal import load_hf_causal_lm  # pylint: disable=g-import-not-at-top
+    params = jax.device_put(load_hf_causal_lm(model_path, config)[1], shardings)
+    spec = vocab.binding()  # unused: a HF directory's tokenizer.json is its codec
+  else:
+    directory = fs.join(model_path, BACKBONE_DIR) if fs.isdir(fs.join(model_path, BACKBONE_DIR)) else model_path
+    params, metadata = restore_backbone(directory, config, shardings)
+    record = metadata.get("vocabulary") or {}
+    spec = vocab.VocabSpec(record.get("kind", "byte"), metadata.get("vocabulary_path"), record.get("extra_ids"))
+  return Loaded(model, params, weights_checksum(params), codec_for(model_path, spec))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
+def _generate_rows(model: CausalLM, params: Any, cache: Any, tokens: jax.Array, mask: jax.Array, keys: jax.Array,
+                   *, max_new_tokens: int, eos_id: int, temperature: float, top_k: int,
+                   top_p: float) -> jax.Array:
+  """[B, max_new_tokens] tokens, each row generated alone (batch 1, its own key) under a vmap: a row's tokens
+  are a function of the row, not of its batchmates."""
+  def one(row_tokens: jax.Array, row_mask: jax.Array, key: jax.Array) -> jax.Array:
+    return decoding.generate(causal_step_fn(model, params), cache, row_tokens[None], row_mask[None],
+                             max_new_tokens, eos_id, rng=key if temperature > 0 else None,
+                             temperature=temperature, top_k=top_k, top_p=top_p)[0]
+  return jax.vmap(one)(tokens, mask, keys)
+
+
+def _until_eos(tokens: np.ndarray, eos_id: int) -> list[int]:
+  hits = np.flatnonzero(tokens == eos_id)
+  return [int(t) for t in tokens[:hits[0] if len(hits) else len(tokens)]]
+
+
+def _file_hash(path: str) -> str:
+  return hashlib.sha256(fs.read_bytes(path)).hexdigest()[:16]
+
+
+def _check_manifest(parts_dir: str, manifest: dict[str, Any], overwrite: bool) -> None:
+  """Start the parts folder, or continue it when it was made with these settings."""
+  path = fs.join(parts_dir, MANIFEST)
+  if fs.exists(path):
+    found = json.loads(fs.read_text(path))
+    if found == manifest:
+      return
+    if not overwrite:
+      differs = [k for k in sorted(set(found) | set(manifest)) if found.get(k) != manifest.get(k)]
+      raise MismatchError(f"{parts_dir} holds rows of another enhance run (differs in: {', '.join(differs)}): rerun "
+                          "with enhance.overwrite=True to start afresh, or choose another output_file")
+    fs.remove(parts_dir)
+  fs.write_text(path, json.dumps(manifest, sort_keys=True) + "\n")
+
+
+@gin.configurable
+def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, teacher: str | None = None,
+            model_config: CausalLMConfig | None = None, field: str = "cot", batch_size: int = 8,
+            chunk_size: int = 64, max_prompt_length: int = 512, max_new_tokens: int = 256,
+            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+            teacher_seed: int = 0, overwrite: bool = False) -> str:
+  """Write `output_file` (JSON lines): the rows of `input_file` with the teacher's continuation of `field`.
+
+  `teacher`: a HF causal LM directory, a multitask run dir of this package (bind `model_config`), or None for a
+  random model of `teacher_seed` (tests). The seed samples (do_sample) with temperature 1 and 2048 new tokens;
+  `temperature=0` is greedy. `batch_size` rows are generated at once and `chunk_size` rows make one resumable
+  part; neither changes a row's output (see the module docstring), but a resumed run must keep `chunk_size`,
+  which numbers the parts.
+  """
+  if batch_size <= 0 or chunk_size <= 0 or max_prompt_length <= 0 or max_new_tokens <= 0:
+    raise ConfigError(f"enhance: batch_size={batch_size}, chunk_size={chunk_size}, max_prompt_length="
+                      f"{max_prompt_length} and max_new_tokens={max_new_tokens} must be positive")
+  rows = formats.read_rows(input_file)
+  for number, row in enumerate(rows):
+    if not isinstance(row.get(field), str):
+      raise ConfigError(f"{input_file} row {number}: no text field {field!r} (prepare it with "
+                        "`python -m moe_jax.teacher prepare`)")
+  model, params, weights, codec = load_causal(teacher, model_config_for(teacher, model_config), teacher_seed)
+  parts_dir = output_file + PARTS_SUFFIX
+  manifest = {"input_sha256": _file_hash(input_file), "rows": len(rows), "teacher_weights": weights,
+              "field": field, "chunk_size": chunk_size, "max_prompt_length": max_prompt_length,
+              "max_new_tokens": max_new_tokens, "temperature": float(temperature), "top_k": top_k,
+              "top_p": float(top_p), "seed": seed}
+  _check_manifest(parts_dir, manifest, overwrite)
+
+  cache = init_cache(model, 1, max_prompt_length + max_new_tokens)
+  sampling = dict(max_new_tokens=max_new_tokens, eos_id=codec.eos_id, temperature=float(temperature),
+                  top_k=top_k, top_p=float(top_p))
+  chunks = range(0, len(rows), chunk_size)
+  todo = [start for start in chunks if not fs.exists(part_path(parts_dir, start // chunk_size))]
+  done = len(rows) - sum(min(chunk_size, len(rows) - start) for start in todo)
+  bar = tqdm(total=len(rows), initial=done, desc=f"enhance {field}", unit="example", disable=jax.process_index() != 0)
+  try:
+    for start in todo:
+      out = _enhance_chunk(rows, range(start, min(start + chunk_size, len(rows))), field, model, params,
+                           cache, codec, batch_size, max_prompt_length, seed, sampling, bar)
+      if jax.process_index() == 0:
+        fs.write_text(part_path(parts_dir, start // chunk_size), formats.to_jsonl(out))
+  finally:
+    bar.close()
+  missing = [c for c in range(len(chunks)) if not fs.exists(part_path(parts_dir, c))]
+  if missing:
+    raise MissingFileError(f"{parts_dir}: chunks {missing[:5]} are missing after the run (another process removed "
+                           "them?); rerun to make them")
+  if jax.process_index() == 0:
+    fs.write_text(output_file, "".join(fs.read_text(part_path(parts_dir, c)) for c in range(len(chunks))))
+  return output_file
+
+
+def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model: CausalLM, params: Any, cache: Any,
+                   codec: Codec, batch_size: int, max_prompt_length: int, seed: int, sampling: dict[str, Any],
+                   bar: Any) -> list[dict[str, Any]]:
+  """The output rows of `indices`: fitting prompts generated `batch_size` at a time (the last batch padded with
+  empty rows, so every batch has one shape), the others recorded with their error."""
+  out: dict[int, dict[str, Any]] = {}
+  prompts: list[tuple[int, list[int]]] = []
+  for i in indices:
+    text_ids = codec.encode(rows[i][field])
+    ids = list(codec.prefix) + text_ids
+    if len(ids) > max_prompt_length:
+      out[i] = {**rows[i], **dict.fromkeys(OUTPUT_FIELDS),
+                "enhance_error": f"prompt has {len(ids)} tokens > max_prompt_length={max_prompt_length}"}
+      bar.update(1)
+    else:
+      prompts.append((i, ids))
+  root = jax.random.PRNGKey(seed)
+  for b in range(0, len(prompts), batch_size):
+    batch = prompts[b:b + batch_size]
+    tokens = np.zeros((batch_size, max_prompt_length), np.int32)
+    mask = np.zeros((batch_size, max_prompt_length), np.int32)
+    index = np.zeros((batch_size,), np.int32)
+    for r, (i, ids) in enumerate(batch):
+      tokens[r, max_prompt_length - len(ids):] = ids
+      mask[r, max_prompt_length - len(ids):] = 1
+      index[r] = i
+    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(index))
+    generated = np.asarray(jax.device_get(_generate_rows(model, params, cache, jnp.asarray(tokens),
+                                                         jnp.asarray(mask), keys, **sampling)))
+    for r, (i, ids) in enumerate(batch):
+      new = _until_eos(generated[r], codec.eos_id)
+      whole = codec.decode(ids[len(codec.prefix):] + new)
+      out[i] = {**rows[i], "cot": codec.decode(new), "all": whole, "cot_tail": formats.collapse_spaces(whole)}
+    bar.update(len(batch))
+  return [out[i] for i in indices]

@@ -1,0 +1,130 @@
+"""Fine-tune a student on enhanced rows: `python -m moe_jax.teacher student --gin_file=gin/teacherlm_student.gin`.
+
+The seed fine-tunes a causal LM (BLOOMZ-7.1B) on one field of the enhanced data (`cot_tail`: question, answer,
+trigger and rationale as one text) with the loss on the whole sequence, max length 2048 keeping the end (left
+truncation), a constant learning rate (6e-6) for a number of epochs, saving each. Here that is the multitask stage
+of `moe_jax.training.loop.train` (the whole model trains) on a seqio task over the JSON-lines file, read through
+`feature_converter(decoder_only=True)`:
+- loss on the whole sequence (`loss_on='all'`): the field's text is the target, the input empty;
+- `loss_on='rationale'`: the input is the prompt (`all` without the generated `cot`), the target the rationale;
+- left truncation: the token sequence keeps its last `feature_lengths` tokens (seqio's trim keeps the first);
+- epochs: epoch e is `train` with total_steps = e * steps_per_epoch (steps_per_epoch = ceil(rows / batch_size))
+  in `model_dir/epoch_e`, resuming from the checkpoints all epochs share, so each epoch's product
+  (`epoch_e/backbone`) is a checkpoint, and a rerun skips finished epochs and resumes the interrupted one. Batches
+  are drawn from seqio's shuffled, repeated stream, so an "epoch" is steps_per_epoch batches of it, not an exact
+  pass. The learning rate is constant when `make_optimizer.warmup_fraction = 0` (the gin file binds it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import gin
+
+from moe_jax import fs
+from moe_jax.data import pipeline  # noqa: F401  (the data configurables, registered before gin locks)
+from moe_jax.errors import ConfigError
+from moe_jax.models.causal import CausalLMConfig
+from moe_jax.teacher import formats
+from moe_jax.teacher.enhance import model_config_for
+from moe_jax.training import loop
+from moe_jax.training import partitioning as part
+from moe_jax.training.backbone import BACKBONE_DIR, load_backbone
+
+LOSS_ON = ("all", "rationale")
+
+
+def training_pairs(rows: list[dict[str, Any]], field: str, loss_on: str) -> list[tuple[str, str]]:
+  """(input, target) texts of the usable rows (a row the teacher failed on, or without the field, is skipped)."""
+  if loss_on not in LOSS_ON:
+    raise ConfigError(f"train_student.loss_on={loss_on!r}; expected one of {LOSS_ON}")
+  pairs = []
+  for row in rows:
+    if row.get("enhance_error") or not isinstance(row.get(field), str):
+      continue
+    if loss_on == "all":
+      pairs.append(("", row[field]))
+    else:
+      rationale = row.get("cot") or ""
+      whole = row["all"]
+      if not whole.endswith(rationale):
+        raise ConfigError(f"a row's `all` does not end with its `cot`: {whole[-60:]!r}; enhance it again")
+      pairs.append((whole[:len(whole) - len(rationale)], rationale))
+  return pairs
+
+
+def register_task(name: str, pairs: list[tuple[str, str]]) -> str:
+  """A seqio task `name` whose train split is `pairs`, tokenised with the run's vocabulary, keeping the end of
+  each text when it is too long (the seed's left truncation)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from moe_jax.data.vocab import run_vocabulary  # pylint: disable=g-import-not-at-top
+
+  inputs, targets = [p[0] for p in pairs], [p[1] for p in pairs]
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del split, shuffle_files, seed
+    return tf.data.Dataset.from_tensor_slices({"inputs": inputs, "targets": targets})
+
+  def keep_tail(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.Dataset:
+    def tail(example):  # room for the EOS `append_eos_after_trim` adds to the target
+      return {"inputs": example["inputs"][-sequence_length["inputs"]:] if sequence_length["inputs"] else
+              example["inputs"][:0],
+              "targets": example["targets"][-(sequence_length["targets"] - 1):]}
+    return dataset.map(tail)
+
+  features = {"inputs": seqio.Feature(run_vocabulary(), add_eos=False, required=False),
+              "targets": seqio.Feature(run_vocabulary(), add_eos=True)}
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(dataset_fn, splits=("train",)),
+                         output_features=features,
+                         preprocessors=[seqio.preprocessors.tokenize, keep_tail,
+                                        seqio.preprocessors.append_eos_after_trim])
+  return name
+
+
+def epoch_dir(model_dir: str, epoch: int) -> str:
+  return fs.join(model_dir, f"epoch_{epoch}")
+
+
+def epoch_product(model_dir: str, epoch: int) -> str:
+  return fs.join(epoch_dir(model_dir, epoch), BACKBONE_DIR)
+
+
+@gin.configurable(denylist=["gin_config_str"])
+def train_student(data_file: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, init_from: str | None = None,
+                  model_config: CausalLMConfig | None = None, field: str = "cot_tail", loss_on: str = "all",
+                  epochs: int = 10, batch_size: int = 8, task_name: str = "teacherlm_student", seed: int = 0,
+                  steps_per_epoch: int | None = None, gin_config_str: str = "") -> list[str]:
+  """Train `epochs` epochs and return each epoch's product (`model_dir/epoch_e/backbone`).
+
+  `init_from`: the student's starting model (a HF causal LM directory, a multitask run dir, or None: random of
+  `seed`); `model_config` as `enhance`'s. `feature_lengths`, save/log cadence and the optimizer come from the
+  `train` and `make_optimizer` bindings. `steps_per_epoch` replaces ceil(rows / batch_size) (a small data set
+  trained for many steps compiles once per epoch, so fewer, longer epochs are quicker).
+  """
+  if epochs <= 0 or batch_size <= 0:
+    raise ConfigError(f"train_student: epochs={epochs} and batch_size={batch_size} must be positive")
+  pairs = training_pairs(formats.read_rows(data_file), field, loss_on)
+  if not pairs:
+    raise ConfigError(f"{data_file}: no row has a usable {field!r} field (enhance it first)")
+  config = model_config_for(init_from, model_config)
+  mesh, rules = part.make_mesh(), part.axis_rules()
+  from moe_jax.models.interface import build_model  # pylint: disable=g-import-not-at-top
+  shardings = part.logical_shardings(part.abstract_params(build_model(config)), mesh, rules)
+  backbone = load_backbone(init_from, config, shardings, seed)
+  register_task(task_name, pairs)
+  steps = steps_per_epoch or math.ceil(len(pairs) / batch_size)
+  products = []
+  for epoch in range(1, epochs + 1):
+    products.append(loop.train(model_dir=epoch_dir(model_dir, epoch), mixture_or_task_name=task_name,
+                               stage="multitask", model_config=config, batch_size=batch_size,
+                               total_steps=epoch * steps, init_from=init_from, save_every=steps, seed=seed,
+                               checkpoint_dir=fs.join(fs.absolute(model_dir), loop.CHECKPOINT_DIR),
+                               gin_config_str=gin_config_str, backbone=backbone))
+  fs.write_text(fs.join(model_dir, "epochs.json"), json.dumps(
+      {"data_file": data_file, "field": field, "loss_on": loss_on, "rows": len(pairs), "steps_per_epoch": steps,
+       "products": products}, indent=1) + "\n")
+  return products

@@ -1,0 +1,60 @@
+"""Text <-> token ids for a teacher or student causal LM, without TensorFlow.
+
+A Hugging Face causal LM directory ships its tokenizer (tokenizer.json, BPE for BLOOM and Llama), which
+`moe_jax.data.vocab` does not cover: it is read with the `tokenizers` library, special tokens as its
+post-processor adds them, EOS from config.json. A model this package trained reads its run vocabulary (UTF-8 bytes
+or SentencePiece) in our own causal format, which starts every sequence with the start token 0 (what
+`feature_converter(decoder_only=True)` feeds it): `prefix` carries that token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+
+from moe_jax import fs
+from moe_jax.data import vocab
+from moe_jax.models.interface import START_ID
+
+BYTE_OFFSET = 3  # seqio.ByteVocabulary: 0 pad, 1 EOS, 2 UNK, then the 256 bytes
+BYTE_EOS = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+  """How one model reads text: `encode` (no prefix), `decode`, the ids put before every sequence, and its EOS."""
+
+  encode: Callable[[str], list[int]]
+  decode: Callable[[Sequence[int]], str]
+  prefix: tuple[int, ...]
+  eos_id: int
+
+
+def _byte_decode(ids: Sequence[int]) -> str:
+  return bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < BYTE_OFFSET + 256).decode("utf-8", "ignore")
+
+
+def byte_codec() -> Codec:
+  """seqio.ByteVocabulary's ids in pure Python (so generation needs no TensorFlow), after the start token."""
+  return Codec(lambda s: [b + BYTE_OFFSET for b in s.encode("utf-8")], _byte_decode, (START_ID,), BYTE_EOS)
+
+
+def hf_codec(directory: str) -> Codec:
+  """The tokenizer of a HF causal LM directory; the ids its `encode` adds (e.g. Llama's BOS) are kept."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.Tokenizer.from_file(fs.join(directory, "tokenizer.json"))
+  eos = json.loads(fs.read_text(fs.join(directory, "config.json"))).get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) else eos
+  return Codec(lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
+               (), int(eos if eos is not None else -1))
+
+
+def codec_for(model_path: str | None, spec: vocab.VocabSpec) -> Codec:
+  """The codec of a loaded model: its HF tokenizer if the directory has one, else its run vocabulary `spec`."""
+  if model_path and fs.isfile(fs.join(model_path, "tokenizer.json")):
+    return hf_codec(model_path)
+  if spec.kind == "byte":
+    return byte_codec()
+  built = spec.build()  # SentencePiece through seqio
+  return Codec(lambda s: list(built.encode(s)), lambda ids: built.decode(list(ids)), (START_ID,), built.eos_id)
