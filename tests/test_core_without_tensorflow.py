@@ -40,6 +40,10 @@ SCRIPT = textwrap.dedent("""
     library = ExpertLibrary("virtual://no-tensorflow")
     library.add(make_expert(ExpertInfo("a"), ex.split(params)[1]))
     assert library.stack(["a"])[1]["num_experts"] == 1
+    from moe_jax.data.vocab import VocabSpec  # a backbone's vocabulary size, checked when it loads
+    assert VocabSpec(extra_ids=5).size == 264
+    from moe_jax.methods import registry  # every method's module (their data reads import seqio when called)
+    assert "roe" in registry.available() and "arrow" in registry.available()
     assert not any(m.split(".")[0] in ("tensorflow", "seqio") for m in sys.modules)
     print("ok")
 """)

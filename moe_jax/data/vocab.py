@@ -65,6 +65,12 @@ class VocabSpec:
   def build(self) -> Any:
     return _build(self)
 
+  @property
+  def size(self) -> int:
+    """The id count `build().vocab_size` gives, without seqio (so without TensorFlow: loading a backbone needs
+    none): bytes are 3 special ids + 256 + sentinels; a SentencePiece model its pieces + sentinels."""
+    return _size(self)
+
 
 @functools.lru_cache(maxsize=16)
 def _file_sha(path: str) -> str:
@@ -81,6 +87,18 @@ def _build(spec: VocabSpec) -> Any:
     return seqio.ByteVocabulary(extra_ids=spec.sentinels)
   _file_sha(spec.path)  # a missing file fails here, naming the path, not deep inside a tf.data pipeline
   return seqio.SentencePieceVocabulary(spec.path, extra_ids=spec.sentinels)
+
+
+@functools.lru_cache(maxsize=16)
+def _size(spec: VocabSpec) -> int:
+  if spec.kind == "byte":
+    return 3 + 256 + spec.sentinels  # seqio.ByteVocabulary: pad, EOS, UNK, then the bytes
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+
+  _file_sha(spec.path)
+  processor = sentencepiece.SentencePieceProcessor()
+  processor.LoadFromSerializedProto(fs.read_bytes(spec.path))
+  return processor.GetPieceSize() + spec.sentinels
 
 
 @gin.configurable
@@ -136,7 +154,7 @@ def for_backbone(checkpoint_vocabulary: VocabSpec | dict[str, Any] | None, where
     if bound.get("path") and spec.kind == "sentencepiece" and _file_sha(bound["path"]) != _file_sha(spec.path):
       raise MismatchError(f"get_vocabulary.path={bound['path']!r} is another SentencePiece model than the backbone's "
                           f"{spec.path} ({where}): drop the binding or point it at the backbone's file")
-  size = spec.build().vocab_size
+  size = spec.size
   if size > vocab_size:
     raise MismatchError(f"vocabulary {spec.describe()} has {size} ids, more than model {model_name}'s vocab_size "
                         f"{vocab_size}: use the model's own vocabulary")
