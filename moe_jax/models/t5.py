@@ -284,6 +284,13 @@ class Decoder(nn.Module):
                                                                   routing_ids, decode=True, key_mask=key_mask)
 
 
+def token_embedder(cfg: T5Config) -> nn.Embed:
+  """The shared input/output embedding of a T5 (float32 lookups, the weights' dtype for storage); models built on
+  T5's layers (the task-level MoE) use the same one, so their checkpoints share its parameter."""
+  return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=cfg.weights_dtype,
+                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+
+
 class Transformer(nn.Module):
   """The encoder-decoder. `routing_ids` [batch] feeds routers that take per-example ids (e.g. `Fixed`); they are
   per row, so every example packed into one row gets that row's id.
@@ -298,9 +305,7 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.token_embedder = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=cfg.weights_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+    self.token_embedder = token_embedder(cfg)
     self.encoder = Encoder(cfg, self.token_embedder, self.experts)
     self.decoder = Decoder(cfg, self.token_embedder, self.experts)
 

@@ -53,7 +53,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.models.attention import RelativePositionBias
 from moe_jax.models.config import T5Config
 from moe_jax.models.lora import Linear
-from moe_jax.models.t5 import DecoderLayer, EncoderLayer, RMSNorm, _layer_class
+from moe_jax.models.t5 import DecoderLayer, EncoderLayer, RMSNorm, _layer_class, token_embedder
 
 Array = jax.Array
 Params = Any
@@ -385,9 +385,7 @@ class TaskMoE(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.token_embedder = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=cfg.weights_dtype,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+    self.token_embedder = token_embedder(cfg)
     self.encoder = TaskMoEEncoder(cfg, self.moe, self.token_embedder)
     self.decoder = TaskMoEDecoder(cfg, self.moe, self.token_embedder)
     self.router = TaskRouter(self.moe, cfg.num_encoder_layers, cfg.num_decoder_layers)
