@@ -98,11 +98,16 @@ def build_best_expert(experts: Experts) -> Method:
   from moe_jax.evaluation.evaluate import evaluate_task, primary_metric  # pylint: disable=g-import-not-at-top
 
   model = build_model(experts.config, experts.single())
+  singles: dict[int, Any] = {}  # expert i alone, placed once and scored on every task
+
+  def alone(i: int) -> Any:
+    if i not in singles:
+      singles[i] = part.place(model, _merged_model(experts, np.array([i])), experts.mesh, experts.rules)
+    return singles[i]
 
   def best(task: str) -> np.ndarray:
     scores = [primary_metric(evaluate_task(
-        model, part.place(model, _merged_model(experts, np.array([i])), experts.mesh, experts.rules), task,
-        experts.eval_split, experts.eval_batch_size, experts.lengths, "auto",
+        model, alone(i), task, experts.eval_split, experts.eval_batch_size, experts.lengths, "auto",
         max_examples=experts.max_eval_examples)["metrics"]) for i in range(experts_count(experts))]
     return np.array([int(np.argmax(scores))])  # ties: the lower expert index
 
