@@ -6,7 +6,8 @@ with `@register_format("name")`; the fields are then built the same way for all,
 CREAK: "Q: {question} (A) {o0} (B) {o1} ... A: The answer is ({gold})." plus " Let's think step by step." (cot),
 " The common mistakes are:" (error) or " The fundamental of this question is:" (fundamental), with runs of spaces
 collapsed. Prepared rows keep question / options / answer_index, so the same file is an option-letter evaluation
-set (`moe_jax.evaluation.option_letters.option_letter_accuracy`).
+set (`moe_jax.evaluation.option_letters.option_letter_accuracy`), and `subject` where the raw row has one (MMLU), so
+an evaluation can average per subject as the seed does (`moe_jax.teacher.evaluate`).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def fields(question: str, options: list[str], answer_index: int) -> dict[str, An
 
 
 def prepare_rows(rows: Iterable[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:
-  """Prepared rows of a dataset of kind `kind`, in order; a row missing a field stops with one line naming it."""
+  """Prepared rows of a dataset of kind `kind`, in order; a row missing a field stops with one line naming it. A
+  raw row's `subject` (MMLU's 57) is kept whatever the kind: evaluation averages per subject, as the seed does."""
   if kind not in _FORMATS:
     raise ConfigError(f"--kind={kind!r}; expected one of {kinds()} (or register one with @register_format)")
   for number, row in enumerate(rows):
@@ -133,7 +135,10 @@ def prepare_rows(rows: Iterable[dict[str, Any]], kind: str) -> Iterator[dict[str
       question = _FORMATS[kind](row)
     except KeyError as e:
       raise ConfigError(f"{kind} row {number}: missing field {e.args[0]!r} (has {sorted(row)})") from None
-    yield fields(*question)
+    out = fields(*question)
+    if row.get("subject") is not None:
+      out["subject"] = str(row["subject"])
+    yield out
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
