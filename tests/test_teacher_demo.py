@@ -7,8 +7,10 @@ import json
 import os
 
 import gin
+import numpy as np
 import pytest
 
+from moe_jax.data import pipeline
 from moe_jax.errors import ConfigError
 from moe_jax.teacher import demo
 from moe_jax.teacher import evaluate as ev
@@ -32,10 +34,38 @@ def test_training_pairs():
     student.training_pairs(rows, "cot_tail", "answers")
 
 
+def test_student_epochs_are_exact_passes_and_resume_at_their_batch():
+  """5 rows in batches of 2: each epoch is 3 batches holding every row once plus one filler without loss weight,
+  each epoch in its own order; a resumed stream (start_batch) continues the same batches."""
+  texts = ["alpha", "bravo", "charlie", "delta", "echo"]
+  student.register_task("teacherlm_test_exact", [("", t) for t in texts], batch_size=2, passes=3, seed=5)
+  lengths = {"inputs": 0, "targets": 16}
+  stream = pipeline.train_batches("teacherlm_test_exact", lengths, 2, decoder_only=True)
+  batches = [next(stream) for _ in range(9)]
+
+  def rows(batch):
+    out = []
+    for tokens, weights in zip(batch["decoder_target_tokens"], batch["decoder_loss_weights"]):
+      if weights.sum() == 0:
+        assert not tokens.any()
+        out.append(None)
+      else:  # byte ids (offset 3) up to the EOS (1)
+        out.append(bytes(int(t) - 3 for t in tokens[weights > 0] if t > 1).decode())
+    return out
+
+  epochs = [sum((rows(b) for b in batches[3 * e:3 * e + 3]), []) for e in range(3)]
+  for order in epochs:
+    assert sorted(r for r in order if r) == texts and order.count(None) == 1
+  assert len({tuple(order) for order in epochs}) == 3  # a fresh permutation each pass
+  resumed = pipeline.train_batches("teacherlm_test_exact", lengths, 2, start_batch=4, decoder_only=True)
+  for batch in batches[4:]:
+    np.testing.assert_array_equal(next(resumed)["decoder_target_tokens"], batch["decoder_target_tokens"])
+
+
 def test_demo_trains_teacher_and_students_and_scores_every_epoch(tmp_path):
   work = str(tmp_path / "demo")
-  results = demo.run_demo(work, teacher_rows=16, student_rows=16, eval_rows=16, teacher_steps=6, student_epochs=2,
-                          student_steps=3, max_new_tokens=12)
+  results = demo.run_demo(work, teacher_rows=16, student_rows=16, eval_rows=16, teacher_passes=3, student_epochs=2,
+                          student_passes=1, max_new_tokens=12)
   assert set(results) == {"cot_tail", "answers_only"}
   for name, by_epoch in results.items():
     assert sorted(by_epoch) == [1, 2]
@@ -48,7 +78,7 @@ def test_demo_trains_teacher_and_students_and_scores_every_epoch(tmp_path):
     with open(os.path.join(run, "eval", "accuracy.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(run, "epochs.json")) as f:
-      assert json.load(f)["steps_per_epoch"] == 3
+      assert json.load(f)["steps_per_epoch"] == 2  # one exact pass of 16 rows in batches of 8
   with open(os.path.join(work, "enhanced.jsonl")) as f:
     enhanced = [json.loads(line) for line in f]
   assert len(enhanced) == 16 and all(row["all"].startswith(row["base"]) for row in enhanced)

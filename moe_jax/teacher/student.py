@@ -8,11 +8,13 @@ of `moe_jax.training.loop.train` (the whole model trains) on a seqio task over t
 - loss on the whole sequence (`loss_on='all'`): the field's text is the target, the input empty;
 - `loss_on='rationale'`: the input is the prompt (`all` without the generated `cot`), the target the rationale;
 - left truncation: the token sequence keeps its last `feature_lengths` tokens (seqio's trim keeps the first);
-- epochs: epoch e is `train` with total_steps = e * steps_per_epoch (steps_per_epoch = ceil(rows / batch_size))
-  in `model_dir/epoch_e`, resuming from the checkpoints all epochs share, so each epoch's product
-  (`epoch_e/backbone`) is a checkpoint, and a rerun skips finished epochs and resumes the interrupted one. Batches
-  are drawn from seqio's shuffled, repeated stream, so an "epoch" is steps_per_epoch batches of it, not an exact
-  pass. The learning rate is constant when `make_optimizer.warmup_fraction = 0` (the gin file binds it).
+- exact epochs: the task's stream is pass after pass over the rows, each pass a permutation of its own
+  (`epoch_order`: seed, pass), its last batch filled with empty rows (no loss weight), so every batch belongs to
+  one pass and a pass shows every row exactly once, as a PyTorch DataLoader epoch does (seqio's shuffle buffer
+  would mix passes: the source shuffles instead). Epoch e is `train` with total_steps = e * steps_per_epoch in
+  `model_dir/epoch_e`, resuming from the checkpoints all epochs share, so each epoch's product
+  (`epoch_e/backbone`) is a checkpoint, and a rerun skips finished epochs and resumes the interrupted one at its
+  exact batch. The learning rate is constant when `make_optimizer.warmup_fraction = 0` (the gin file binds it).
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import math
 from typing import Any
 
 import gin
+import numpy as np
+import seqio
+import tensorflow as tf
 
 from moe_jax import fs
 from moe_jax.data import pipeline  # noqa: F401  (the data configurables, registered before gin locks)
+from moe_jax.data.vocab import run_vocabulary
 from moe_jax.errors import ConfigError
 from moe_jax.models.causal import CausalLMConfig
 from moe_jax.teacher import formats
@@ -36,8 +42,17 @@ from moe_jax.training.backbone import BACKBONE_DIR, load_backbone
 LOSS_ON = ("all", "rationale")
 
 
+class OrderedSource(seqio.FunctionDataSource):
+  """A function source that orders its rows itself (exact passes), so seqio, asked to shuffle, does not."""
+
+  @property
+  def performs_internal_shuffling(self) -> bool:
+    return True
+
+
 def training_pairs(rows: list[dict[str, Any]], field: str, loss_on: str) -> list[tuple[str, str]]:
-  """(input, target) texts of the usable rows (a row the teacher failed on, or without the field, is skipped)."""
+  """(input, target) texts of the usable rows (a row the teacher failed on, without the field, or with nothing to
+  learn in its target, is skipped)."""
   if loss_on not in LOSS_ON:
     raise ConfigError(f"train_student.loss_on={loss_on!r}; expected one of {LOSS_ON}")
   pairs = []
@@ -45,28 +60,49 @@ def training_pairs(rows: list[dict[str, Any]], field: str, loss_on: str) -> list
     if row.get("enhance_error") or not isinstance(row.get(field), str):
       continue
     if loss_on == "all":
-      pairs.append(("", row[field]))
+      pair = ("", row[field])
     else:
       rationale = row.get("cot") or ""
       whole = row["all"]
       if not whole.endswith(rationale):
         raise ConfigError(f"a row's `all` does not end with its `cot`: {whole[-60:]!r}; enhance it again")
-      pairs.append((whole[:len(whole) - len(rationale)], rationale))
+      pair = (whole[:len(whole) - len(rationale)], rationale)
+    if pair[1].strip():
+      pairs.append(pair)
   return pairs
 
 
-def register_task(name: str, pairs: list[tuple[str, str]]) -> str:
-  """A seqio task `name` whose train split is `pairs`, tokenised with the run's vocabulary, keeping the end of
-  each text when it is too long (the seed's left truncation)."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from moe_jax.data.vocab import run_vocabulary  # pylint: disable=g-import-not-at-top
+def epoch_order(rows: int, batch_size: int, passes: int, seed: int) -> list[int | None]:
+  """Row indices of `passes` passes over `rows` rows, each pass a permutation drawn from (seed, pass) and filled
+  with None (an empty row) up to a whole number of batches."""
+  steps = math.ceil(rows / batch_size)
+  order: list[int | None] = []
+  for p in range(passes):
+    order += [int(i) for i in np.random.default_rng([seed, p]).permutation(rows)]
+    order += [None] * (steps * batch_size - rows)
+  return order
 
-  inputs, targets = [p[0] for p in pairs], [p[1] for p in pairs]
+
+def register_task(name: str, pairs: list[tuple[str, str]], batch_size: int, passes: int, seed: int) -> str:
+  """A seqio task `name` whose train split is `passes` exact passes over `pairs` (`epoch_order`), tokenised with
+  the run's vocabulary, keeping the end of each text when it is too long (the seed's left truncation). Seqio does
+  not shuffle it (the order is the passes'); sharded over hosts, host h reads rows h, h + H, ..., so global batch
+  j is still rows [j * batch_size, (j + 1) * batch_size) of the order."""
+  order = epoch_order(len(pairs), batch_size, passes, seed)
+  inputs = [pairs[i][0] if i is not None else "" for i in order]
+  targets = [pairs[i][1] if i is not None else "" for i in order]
 
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del split, shuffle_files, seed
     return tf.data.Dataset.from_tensor_slices({"inputs": inputs, "targets": targets})
+
+  def drop_filler(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """A filler row (empty target: real rows have text) becomes all padding, so it has no loss weight."""
+    def drop(example):
+      filler = tf.equal(tf.size(example["targets"]), 1)
+      return {"inputs": example["inputs"], "targets": tf.cond(filler, lambda: example["targets"][:0],
+                                                              lambda: example["targets"])}
+    return dataset.map(drop)
 
   def keep_tail(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.Dataset:
     def tail(example):  # room for the EOS `append_eos_after_trim` adds to the target
@@ -78,10 +114,10 @@ def register_task(name: str, pairs: list[tuple[str, str]]) -> str:
   features = {"inputs": seqio.Feature(run_vocabulary(), add_eos=False, required=False),
               "targets": seqio.Feature(run_vocabulary(), add_eos=True)}
   seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(dataset_fn, splits=("train",)),
-                         output_features=features,
+  seqio.TaskRegistry.add(name, source=OrderedSource(dataset_fn, splits=("train",)), output_features=features,
                          preprocessors=[seqio.preprocessors.tokenize, keep_tail,
-                                        seqio.preprocessors.append_eos_after_trim])
+                                        seqio.preprocessors.append_eos_after_trim, drop_filler],
+                         shuffle_buffer_size=None)
   return name
 
 
@@ -97,16 +133,17 @@ def epoch_product(model_dir: str, epoch: int) -> str:
 def train_student(data_file: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, init_from: str | None = None,
                   model_config: CausalLMConfig | None = None, field: str = "cot_tail", loss_on: str = "all",
                   epochs: int = 10, batch_size: int = 8, task_name: str = "teacherlm_student", seed: int = 0,
-                  steps_per_epoch: int | None = None, gin_config_str: str = "") -> list[str]:
+                  passes_per_epoch: int = 1, gin_config_str: str = "") -> list[str]:
   """Train `epochs` epochs and return each epoch's product (`model_dir/epoch_e/backbone`).
 
   `init_from`: the student's starting model (a HF causal LM directory, a multitask run dir, or None: random of
   `seed`); `model_config` as `enhance`'s. `feature_lengths`, save/log cadence and the optimizer come from the
-  `train` and `make_optimizer` bindings. `steps_per_epoch` replaces ceil(rows / batch_size) (a small data set
-  trained for many steps compiles once per epoch, so fewer, longer epochs are quicker).
+  `train` and `make_optimizer` bindings. `passes_per_epoch`: exact passes over the data between two products (a
+  small data set trained for many passes compiles once per epoch, so fewer, longer epochs are quicker).
   """
-  if epochs <= 0 or batch_size <= 0:
-    raise ConfigError(f"train_student: epochs={epochs} and batch_size={batch_size} must be positive")
+  if min(epochs, batch_size, passes_per_epoch) <= 0:
+    raise ConfigError(f"train_student: epochs={epochs}, batch_size={batch_size} and passes_per_epoch="
+                      f"{passes_per_epoch} must be positive")
   pairs = training_pairs(formats.read_rows(data_file), field, loss_on)
   if not pairs:
     raise ConfigError(f"{data_file}: no row has a usable {field!r} field (enhance it first)")
@@ -115,8 +152,8 @@ def train_student(data_file: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, 
   from moe_jax.models.interface import build_model  # pylint: disable=g-import-not-at-top
   shardings = part.logical_shardings(part.abstract_params(build_model(config)), mesh, rules)
   backbone = load_backbone(init_from, config, shardings, seed)
-  register_task(task_name, pairs)
-  steps = steps_per_epoch or math.ceil(len(pairs) / batch_size)
+  register_task(task_name, pairs, batch_size, epochs * passes_per_epoch, seed)
+  steps = passes_per_epoch * math.ceil(len(pairs) / batch_size)
   products = []
   for epoch in range(1, epochs + 1):
     products.append(loop.train(model_dir=epoch_dir(model_dir, epoch), mixture_or_task_name=task_name,
@@ -125,6 +162,7 @@ def train_student(data_file: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, 
                                checkpoint_dir=fs.join(fs.absolute(model_dir), loop.CHECKPOINT_DIR),
                                gin_config_str=gin_config_str, backbone=backbone))
   fs.write_text(fs.join(model_dir, "epochs.json"), json.dumps(
-      {"data_file": data_file, "field": field, "loss_on": loss_on, "rows": len(pairs), "steps_per_epoch": steps,
+      {"data_file": data_file, "field": field, "loss_on": loss_on, "rows": len(pairs), "passes_per_epoch": passes_per_epoch,
+       "steps_per_epoch": steps,
        "products": products}, indent=1) + "\n")
   return products
