@@ -92,6 +92,19 @@ def test_sorted_block_sizes(block, tokens):
   check_against_reference(x, a, b, experts, rng.uniform(0.1, 1.0, (tokens, 2)), "sorted", block)
 
 
+@pytest.mark.parametrize("largest", [8, 12, 13, 24, 32, 33, 130])
+def test_grid_capacity_branches(largest):
+  """`grid` with its largest group filling each capacity (8, 12, 16 (with 13), 24, 32 here) and past the last (the
+  `sorted` fallback). Expert 0 takes `largest` assignments (some tokens twice), 16 others share the rest."""
+  tokens, k = 67, 2
+  assert routed.grid_capacities(tokens, k, 17) == (8, 12, 16, 24, 32)
+  rng, x, a, b = lora_inputs(largest, (tokens,), 17)
+  experts = np.concatenate([np.zeros(largest, int), np.arange(tokens * k - largest) % 16 + 1])
+  rng.shuffle(experts)
+  assert np.bincount(experts).max() == largest
+  check_against_reference(x, a, b, experts.reshape(tokens, k), rng.uniform(0.1, 1.0, (tokens, k)), "grid")
+
+
 @pytest.mark.parametrize("impl", routed.IMPLS)
 def test_leading_batch_dims(impl):
   rng, x, a, b = lora_inputs(3, (3, 11), 17)
@@ -134,7 +147,7 @@ def test_gradients_match_dense(case):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), weights)
 
   want = grads("dense")
-  for impl in ("sorted", "ragged"):
+  for impl in ("sorted", "grid", "ragged"):
     for name, got, ref in zip("xabw", grads(impl), want):
       assert rel_err(got, ref) <= RTOL, (impl, name)
 

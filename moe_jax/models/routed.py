@@ -5,11 +5,24 @@
 - `sorted`: sort the (token, slot) assignments by expert, lay each expert's group out in fixed-size blocks, run one
   batched matmul over blocks with the block's expert weights gathered, then gather each assignment's row back.
   Cost grows with T*k + E*block, not T*E. Pure XLA gathers and batched dots: differentiable, shardable, any backend.
+- `grid`: the same sort, with each expert's group laid out in its own row of an [E, capacity] grid, so the batched
+  matmuls read A and B as they are (no per-block weight copies: with ~3 tokens per expert those copies cost more
+  than the products). The capacity is picked at run time (`jax.lax.switch`) as the smallest of a few static sizes
+  that holds the largest group (`grid_capacities`); a larger group falls back to `sorted`, so no assignment
+  is ever dropped and the padding stays within a few times `sorted`'s.
 - `ragged`: the same sort, with `jax.lax.ragged_dot` on the grouped rows (the grouped-matmul primitive; fast on
-  TPU, a slow path on GPU in jax 0.11).
-- `auto`: `dense` when E <= `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than
-  T*E rows, else `sorted` with a block sized to the mean group (T*k/E, a power of two in [8, 64]), so that small
-  batches and decoding steps do not pay E*64 rows of padding.
+  TPU, a slow path on GPU in jax 0.11 and on CPU).
+- `pallas`: the same sort into one-expert row tiles, then two Pallas kernels (Punica-style shrink and expand) that
+  index A[e] and B[e] in place (`moe_jax.models.routed_pallas`); forward only. Compiled through Triton on GPU,
+  through the Pallas interpreter elsewhere (for tests: slow).
+- `auto`: on the CPU backend, `grid` unless its smallest grid has as many rows as dense's T*E (decoding steps,
+  one expert); measured there on T5 layers, it beat `dense` at E=8 and `sorted` at E=36 and 166 (1.3-2x on the
+  routed part at E=166, 3-6 tokens per expert). Elsewhere (`grid` is unmeasured on accelerators): `dense` when
+  E <= `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than T*E rows, else `pallas`
+  on a GPU (not yet timed on one: `benchmarks/routed_lora.py --preset t5xl` compares it with the others) and
+  `sorted` on other accelerators.
+  `sorted`'s block and `grid`'s smallest capacity follow the mean group (T*k/E, a power of two >= 8; blocks <= 64),
+  so that small batches and decoding steps do not pay E*64 rows of padding.
 
 All formulations accumulate in float32 and keep the rank-r intermediate in float32 (low-precision intermediates are
 a known bug class in routed LoRA code). `moe_jax.models.reference` holds the float64 oracle they are tested against.
@@ -21,13 +34,15 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.errors import ConfigError
+from moe_jax.models import routed_pallas
 from moe_jax.models.routers import Routing
 
 Array = jax.Array
 
-IMPLS = ("auto", "dense", "sorted", "ragged")
+IMPLS = ("auto", "dense", "sorted", "grid", "ragged", "pallas")
 DENSE_MAX_EXPERTS = 8
 MIN_BLOCK, MAX_BLOCK = 8, 64
+GRID_CAPACITIES = 5  # static capacities tried by `grid` before it falls back to `sorted`
 
 
 def sorted_block(tokens: int, k: int, num_experts: int) -> int:
@@ -42,10 +57,26 @@ def sorted_rows(tokens: int, k: int, num_experts: int, block: int) -> int:
   return (n // block + min(num_experts, n)) * block
 
 
+def grid_capacities(tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
+  """Capacities `grid` may pick: the mean group size as a power of two c >= 8, then c*3/2, 2c, 3c, 4c, ... (steps of
+  1.5x, not 2x: every padded row costs a row of both products) up to `GRID_CAPACITIES` of them, stopping once one
+  holds all T*k assignments or the grid would exceed 4x `sorted`'s rows (`sorted` pads less past that)."""
+  n = tokens * k
+  limit = 4 * sorted_rows(tokens, k, num_experts, sorted_block(tokens, k, num_experts))
+  caps = [max(MIN_BLOCK, 1 << (max(1, -(-n // num_experts)) - 1).bit_length())]
+  while len(caps) < GRID_CAPACITIES and caps[-1] < n:
+    cap = caps[-1] * 3 // 2 if len(caps) % 2 else caps[-2] * 2
+    if num_experts * cap > limit:
+      break
+    caps.append(cap)
+  return tuple(caps)
+
+
 def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "auto", block: int | None = None) -> Array:
   """x [..., d_in], a [E, d_in, r], b [E, r, d_out] -> float32 [..., d_out] (weights already include any scale).
 
-  `block` sets the `sorted` block size (default: `sorted_block`)."""
+  `block` sets the `sorted` block size, also used by `grid` when it falls back to `sorted` (default:
+  `sorted_block`)."""
   if impl not in IMPLS:
     raise ConfigError(f"routed LoRA impl={impl!r}; expected one of {IMPLS}")
   num_experts = a.shape[0]
@@ -59,16 +90,29 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
     tokens, k = experts.shape
     block = block or sorted_block(tokens, k, num_experts)
     if impl == "auto":
-      # Dense computes T*E expert rows with plain matmuls; sorted computes its padded rows with gathers around them.
-      small = num_experts <= DENSE_MAX_EXPERTS or 4 * sorted_rows(tokens, k, num_experts, block) > tokens * num_experts
-      impl = "dense" if small else "sorted"
+      impl = _auto(tokens, k, num_experts, block)
     if impl == "dense":
       out = _dense(x2, a, b, dense_weights(experts, weights, num_experts))
     elif impl == "sorted":
       out = _sorted(x2, a, b, experts, weights, block)
+    elif impl == "grid":
+      out = _grid(x2, a, b, experts, weights, block)
+    elif impl == "pallas":  # the GPU kernel; elsewhere the same kernels through the Pallas interpreter (slow)
+      out = routed_pallas.routed_lora_pallas(x2, a, b, experts, weights, interpret=not routed_pallas.available())
     else:
       out = _ragged(x2, a, b, experts, weights)
   return out.reshape(lead + (b.shape[-1],))
+
+
+def _auto(tokens: int, k: int, num_experts: int, block: int) -> str:
+  """Dense computes T*E expert rows with plain matmuls; sorted and grid compute their padded rows with gathers around
+  them. On CPU, grid's E*capacity rows beat dense's T*E as soon as they are fewer (measured at E = 8, 36, 166)."""
+  if jax.default_backend() == "cpu":
+    return "grid" if grid_capacities(tokens, k, num_experts)[0] < tokens else "dense"
+  small = num_experts <= DENSE_MAX_EXPERTS or 4 * sorted_rows(tokens, k, num_experts, block) > tokens * num_experts
+  if small:
+    return "dense"
+  return "pallas" if routed_pallas.available() else "sorted"
 
 
 def dense_weights(experts: Array, weights: Array, num_experts: int) -> Array:
@@ -119,7 +163,47 @@ def _sorted(x: Array, a: Array, b: Array, experts: Array, weights: Array, block:
   # Slot of each assignment: its expert's first block, plus its rank inside the expert's group.
   sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   slot = first_block[flat] * block + sorted_pos - starts[flat]
-  return ys.reshape(num_blocks * block, -1)[slot].reshape(tokens, k, -1).sum(axis=1)
+  return _sum_slots(ys.reshape(num_blocks * block, -1), slot.reshape(tokens, k))
+
+
+def _grid(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
+  """`grid`: the smallest capacity that holds the largest group, else `sorted` (with `block`)."""
+  tokens, k = experts.shape
+  num_experts = a.shape[0]
+  caps = grid_capacities(tokens, k, num_experts)
+  flat, order, counts, starts = _sort_assignments(experts, num_experts)
+  branch = jnp.sum(jnp.max(counts) > jnp.asarray(caps))
+  grouped = (flat, order, starts)
+  branches = [lambda *args, cap=cap: _grid_fixed(*args, grouped, cap) for cap in caps]
+  branches.append(lambda *args: _sorted(*args, block))
+  return jax.lax.switch(branch, branches, x, a, b, experts, weights)
+
+
+def _grid_fixed(x: Array, a: Array, b: Array, experts: Array, weights: Array, grouped, cap: int) -> Array:
+  """Row e*cap + i of the grid holds expert e's i-th assignment (empty rows: token 0, weight 0)."""
+  tokens, k = experts.shape
+  num_experts = a.shape[0]
+  n = tokens * k
+  flat, order, starts = grouped
+  sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  slot = flat * cap + sorted_pos - starts[flat]
+  assignment = jnp.full((num_experts * cap,), n, jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32))
+  valid = assignment < n
+  slot_weight = jnp.where(valid, weights.reshape(-1).astype(jnp.float32)[jnp.minimum(assignment, n - 1)], 0.0)
+  xs = x[jnp.where(valid, assignment // k, 0)].reshape(num_experts, cap, -1)
+  h = jnp.einsum("ecd,edr->ecr", xs, a.astype(x.dtype), preferred_element_type=jnp.float32)
+  h = h * slot_weight.reshape(num_experts, cap, 1)
+  ys = jnp.einsum("ecr,ero->eco", h, b.astype(jnp.float32), preferred_element_type=jnp.float32)
+  return _sum_slots(ys.reshape(num_experts * cap, -1), slot.reshape(tokens, k))
+
+
+def _sum_slots(rows: Array, slot: Array) -> Array:
+  """out[t] = sum_s rows[slot[t, s]], as k gathers added in one loop fusion: on CPU, a reduce over the k axis of
+  the gathered [T, k, d_out] was a separate pass as slow as the module's batched matmuls."""
+  out = rows[slot[:, 0]]
+  for s in range(1, slot.shape[1]):
+    out = out + rows[slot[:, s]]
+  return out
 
 
 def _ragged(x: Array, a: Array, b: Array, experts: Array, weights: Array) -> Array:
