@@ -62,11 +62,26 @@ def test_student_epochs_are_exact_passes_and_resume_at_their_batch():
     np.testing.assert_array_equal(next(resumed)["decoder_target_tokens"], batch["decoder_target_tokens"])
 
 
+def test_demo_world_hides_the_held_out_fruits_colours_from_the_answers():
+  rows = demo.world(seed=0)
+  assert {k: len(v) for k, v in rows.items()} == {"teacher": 128, "train": 96, "eval": 32}
+  about = lambda row: next(f for f in demo.COLOURS if row["question"].endswith(f"{f} " + row["question"].split()[-1]))
+  held_out = {about(row) for row in rows["eval"]}
+  assert len(held_out) == 8 and {demo.COLOURS[f] for f in held_out} == set(demo.PALETTE)
+  for fruit in held_out:
+    train = [r for r in rows["train"] if about(r) == fruit]
+    evaluation = [r for r in rows["eval"] if about(r) == fruit]
+    assert len(train) == 4 and not any(r["answer"] for r in train)  # two wrong colours, two templates
+    assert sorted(r["answer"] for r in evaluation) == [False, False, True, True]
+    assert not {r["question"] for r in train} & {r["question"] for r in evaluation}
+    assert all(f"is {demo.COLOURS[fruit]}," in r["rationale"] for r in train)  # the fact only rationales give
+  assert not {r["question"] for r in rows["teacher"]} & {r["question"] for r in rows["train"] + rows["eval"]}
+
+
 def test_demo_trains_teacher_and_students_and_scores_every_epoch(tmp_path):
   work = str(tmp_path / "demo")
-  results = demo.run_demo(work, teacher_rows=16, student_rows=16, eval_rows=16, teacher_passes=3, student_epochs=2,
-                          student_passes=1, max_new_tokens=12)
-  assert set(results) == {"cot_tail", "answers_only"}
+  results = demo.run_demo(work, teacher_passes=1, student_epochs=2, student_passes=1, max_new_tokens=12, model=())
+  assert set(results) == {"cot_tail", "answers_only", "gold_rationales"}
   for name, by_epoch in results.items():
     assert sorted(by_epoch) == [1, 2]
     run = os.path.join(work, f"student_{name}")
@@ -74,12 +89,12 @@ def test_demo_trains_teacher_and_students_and_scores_every_epoch(tmp_path):
     for epoch in (1, 2):
       assert 0.0 <= by_epoch[epoch]["eval"] <= 100.0
       with open(os.path.join(run, "eval", f"epoch_{epoch}.md")) as f:
-        assert f"| eval | 16 | {by_epoch[epoch]['eval']:.2f} |" in f.read()
+        assert f"| eval | 32 | {by_epoch[epoch]['eval']:.2f} |" in f.read()
     with open(os.path.join(run, "eval", "accuracy.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(run, "epochs.json")) as f:
-      assert json.load(f)["steps_per_epoch"] == 2  # one exact pass of 16 rows in batches of 8
+      assert json.load(f)["steps_per_epoch"] == 12  # one exact pass of 96 rows in batches of 8
   with open(os.path.join(work, "enhanced.jsonl")) as f:
     enhanced = [json.loads(line) for line in f]
-  assert len(enhanced) == 16 and all(row["all"].startswith(row["base"]) for row in enhanced)
-  assert "answers_only" in open(os.path.join(work, "comparison.md")).read()
+  assert len(enhanced) == 96 and all(row["all"].startswith(row["base"]) for row in enhanced)
+  assert "gold_rationales" in open(os.path.join(work, "comparison.md")).read()
