@@ -1,8 +1,9 @@
 """The vocabulary belongs to the backbone: every task tokenises with the vocabulary of the model the run loads.
 
 Where it comes from, first match wins:
-  1. the `spiece.model` of a Hugging Face T5 directory (`init_from`; HF T5 directories ship it), or the vocabulary
-     recorded in a multitask backbone this package saved;
+  1. the `spiece.model` of a Hugging Face T5 directory (`init_from`; HF T5 directories ship it), else the
+     `tokenizer.json` of a Hugging Face causal LM directory (BLOOM's and Llama's BPE, read with the `tokenizers`
+     library: kind "tokenizer"), or the vocabulary recorded in a multitask backbone this package saved;
   2. a gin binding, `get_vocabulary.kind` / `.path` (model gin files bind it: `gin/models/tiny.gin` reads bytes,
      the T5.1.1 files SentencePiece);
   3. UTF-8 bytes.
@@ -29,38 +30,50 @@ import gin
 from moe_jax import fs
 from moe_jax.errors import ConfigError, MismatchError, MissingFileError
 
-KINDS = ("byte", "sentencepiece")
+KINDS = ("byte", "sentencepiece", "tokenizer")
+FILE_KINDS = ("sentencepiece", "tokenizer")  # the kinds read from a file (`path`), recorded by its content hash
 # T5's SentencePiece vocabularies reserve 100 sentinel ids after the 32000 pieces (32100 used, 32128 in the model).
 T5_EXTRA_IDS = 100
 HF_SPIECE = "spiece.model"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_TOKENIZER = "tokenizer.json"
+HF_CONFIG = "config.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class VocabSpec:
-  """What a model reads: bytes, or a SentencePiece model file with `extra_ids` sentinels after its pieces."""
+  """What a model reads: bytes, a SentencePiece model file with `extra_ids` sentinels after its pieces, or a
+  Hugging Face `tokenizer.json` (kind "tokenizer") whose end-of-sequence id is `eos_id`."""
 
   kind: str = "byte"
   path: str | None = None
   extra_ids: int | None = None
+  eos_id: int | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ConfigError(f"vocabulary kind {self.kind!r}; expected one of {KINDS} (get_vocabulary.kind)")
     if self.kind == "sentencepiece" and not self.path:
       raise ConfigError("a SentencePiece vocabulary needs the path of its .model file (get_vocabulary.path)")
+    if self.kind == "tokenizer" and (not self.path or self.eos_id is None):
+      raise ConfigError("a Hugging Face tokenizer vocabulary needs the path of its tokenizer.json and its EOS id "
+                        "(get_vocabulary.path and .eos_id)")
 
   @property
   def sentinels(self) -> int:
     return self.extra_ids if self.extra_ids is not None else (T5_EXTRA_IDS if self.kind == "sentencepiece" else 0)
 
   def describe(self) -> str:
+    if self.kind == "tokenizer":
+      return f"Hugging Face tokenizer {self.path} (EOS {self.eos_id})"
     return "UTF-8 bytes" if self.kind == "byte" else f"SentencePiece {self.path} (+{self.sentinels} sentinels)"
 
   def record(self) -> dict[str, Any]:
-    """What products record: the kind, the sentinel count and the model file's content hash (not its path, which
-    differs between machines)."""
-    return {"kind": self.kind, "extra_ids": self.sentinels, "sha256": None if self.path is None else _file_sha(self.path)}
+    """What products record: the kind, the sentinel count and the file's content hash (not its path, which
+    differs between machines); a tokenizer's EOS id too."""
+    record = {"kind": self.kind, "extra_ids": self.sentinels,
+              "sha256": None if self.path is None else _file_sha(self.path)}
+    return {**record, "eos_id": self.eos_id} if self.kind == "tokenizer" else record
 
   def build(self) -> Any:
     return _build(self)
@@ -68,14 +81,15 @@ class VocabSpec:
   @property
   def size(self) -> int:
     """The id count `build().vocab_size` gives, without seqio (so without TensorFlow: loading a backbone needs
-    none): bytes are 3 special ids + 256 + sentinels; a SentencePiece model its pieces + sentinels."""
+    none): bytes are 3 special ids + 256 + sentinels; a SentencePiece model its pieces + sentinels; a tokenizer
+    its vocabulary with added tokens."""
     return _size(self)
 
 
 @functools.lru_cache(maxsize=16)
 def _file_sha(path: str) -> str:
   if not fs.exists(path):
-    raise MissingFileError(f"SentencePiece model file not found: {path!r} (set get_vocabulary.path)")
+    raise MissingFileError(f"vocabulary file not found: {path!r} (set get_vocabulary.path)")
   return hashlib.sha256(fs.read_bytes(path)).hexdigest()[:16]
 
 
@@ -86,6 +100,9 @@ def _build(spec: VocabSpec) -> Any:
   if spec.kind == "byte":
     return seqio.ByteVocabulary(extra_ids=spec.sentinels)
   _file_sha(spec.path)  # a missing file fails here, naming the path, not deep inside a tf.data pipeline
+  if spec.kind == "tokenizer":
+    from moe_jax.data.hf_tokenizer import TokenizerVocabulary  # pylint: disable=g-import-not-at-top
+    return TokenizerVocabulary(spec.path, spec.eos_id)
   return seqio.SentencePieceVocabulary(spec.path, extra_ids=spec.sentinels)
 
 
@@ -93,26 +110,38 @@ def _build(spec: VocabSpec) -> Any:
 def _size(spec: VocabSpec) -> int:
   if spec.kind == "byte":
     return 3 + 256 + spec.sentinels  # seqio.ByteVocabulary: pad, EOS, UNK, then the bytes
+  _file_sha(spec.path)
+  if spec.kind == "tokenizer":
+    return load_tokenizer(spec.path).get_vocab_size(with_added_tokens=True)
   import sentencepiece  # pylint: disable=g-import-not-at-top
 
-  _file_sha(spec.path)
   processor = sentencepiece.SentencePieceProcessor()
   processor.LoadFromSerializedProto(fs.read_bytes(spec.path))
   return processor.GetPieceSize() + spec.sentinels
 
 
+@functools.lru_cache(maxsize=16)
+def load_tokenizer(path: str) -> Any:
+  """A `tokenizers.Tokenizer` from a tokenizer.json (any fsspec path)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  return tokenizers.Tokenizer.from_str(fs.read_text(path))
+
+
 @gin.configurable
-def get_vocabulary(kind: str | None = None, path: str | None = None, extra_ids: int | None = None) -> Any:
+def get_vocabulary(kind: str | None = None, path: str | None = None, extra_ids: int | None = None,
+                   eos_id: int | None = None) -> Any:
   """The `seqio.Vocabulary` of the gin binding (or of the arguments): bytes unless a SentencePiece path is set."""
-  return binding(kind, path, extra_ids).build()
+  return binding(kind, path, extra_ids, eos_id).build()
 
 
-def binding(kind: str | None = None, path: str | None = None, extra_ids: int | None = None) -> VocabSpec:
+def binding(kind: str | None = None, path: str | None = None, extra_ids: int | None = None,
+            eos_id: int | None = None) -> VocabSpec:
   """The vocabulary the gin binding of `get_vocabulary` names (arguments win); bytes when nothing is bound."""
-  bound = {**gin.get_bindings(get_vocabulary),
-           **{k: v for k, v in dict(kind=kind, path=path, extra_ids=extra_ids).items() if v is not None}}
+  given = dict(kind=kind, path=path, extra_ids=extra_ids, eos_id=eos_id)
+  bound = {**gin.get_bindings(get_vocabulary), **{k: v for k, v in given.items() if v is not None}}
   chosen = bound.get("kind") or ("sentencepiece" if bound.get("path") else "byte")
-  return VocabSpec(chosen, bound.get("path") if chosen == "sentencepiece" else None, bound.get("extra_ids"))
+  return VocabSpec(chosen, bound.get("path") if chosen in FILE_KINDS else None, bound.get("extra_ids"),
+                   bound.get("eos_id") if chosen == "tokenizer" else None)
 
 
 def _bound_explicitly() -> dict[str, Any]:
@@ -120,16 +149,36 @@ def _bound_explicitly() -> dict[str, Any]:
 
 
 def hf_vocabulary(directory: str) -> VocabSpec | None:
-  """The SentencePiece vocabulary a Hugging Face T5 directory ships, if it does (sentinels from its tokenizer
-  config, T5's 100 otherwise)."""
+  """The vocabulary a Hugging Face directory ships, if it does: a T5's SentencePiece model (sentinels from its
+  tokenizer config, T5's 100 otherwise), else a causal LM's tokenizer.json (EOS from its config.json)."""
   model = fs.join(directory, HF_SPIECE)
   if not fs.isfile(model):
-    return None
+    return hf_tokenizer_vocabulary(directory)
   extra = T5_EXTRA_IDS
   config = fs.join(directory, HF_TOKENIZER_CONFIG)
   if fs.isfile(config):
     extra = int(json.loads(fs.read_text(config)).get("extra_ids", T5_EXTRA_IDS))
   return VocabSpec("sentencepiece", model, extra)
+
+
+def hf_tokenizer_vocabulary(directory: str) -> VocabSpec | None:
+  """A HF causal LM directory's tokenizer.json with the EOS id of its config.json (else of its tokenizer
+  config's `eos_token`), or None without a tokenizer.json."""
+  path = fs.join(directory, HF_TOKENIZER)
+  if not fs.isfile(path):
+    return None
+  eos = None
+  if fs.isfile(fs.join(directory, HF_CONFIG)):
+    eos = json.loads(fs.read_text(fs.join(directory, HF_CONFIG))).get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+  if eos is None and fs.isfile(fs.join(directory, HF_TOKENIZER_CONFIG)):
+    token = json.loads(fs.read_text(fs.join(directory, HF_TOKENIZER_CONFIG))).get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    eos = load_tokenizer(path).token_to_id(token) if token else None
+  if eos is None:
+    raise ConfigError(f"{directory} has a tokenizer.json but names no EOS token (config.json eos_token_id or "
+                      f"{HF_TOKENIZER_CONFIG} eos_token): add one")
+  return VocabSpec("tokenizer", path, 0, int(eos))
 
 
 def for_backbone(checkpoint_vocabulary: VocabSpec | dict[str, Any] | None, where: str, vocab_size: int,
@@ -138,7 +187,7 @@ def for_backbone(checkpoint_vocabulary: VocabSpec | dict[str, Any] | None, where
   directory, or the `record()` a saved backbone carries, with `path_hint` where its file was; None when it has
   none), checked against the gin binding and the model's `vocab_size`."""
   bound = _bound_explicitly()
-  if isinstance(checkpoint_vocabulary, dict):  # a saved backbone's record: bytes, or a SentencePiece file to find
+  if isinstance(checkpoint_vocabulary, dict):  # a saved backbone's record: bytes, or a vocabulary file to find
     checkpoint_vocabulary = _from_record(checkpoint_vocabulary, where, path_hint)
   if checkpoint_vocabulary is None:
     spec = binding()
@@ -151,8 +200,8 @@ def for_backbone(checkpoint_vocabulary: VocabSpec | dict[str, Any] | None, where
     if wanted is not None and wanted != spec.kind:
       raise MismatchError(f"the gin binding reads {wanted} (get_vocabulary.kind), but the backbone {where} was "
                           f"trained with {spec.describe()}: drop the binding or use another checkpoint")
-    if bound.get("path") and spec.kind == "sentencepiece" and _file_sha(bound["path"]) != _file_sha(spec.path):
-      raise MismatchError(f"get_vocabulary.path={bound['path']!r} is another SentencePiece model than the backbone's "
+    if bound.get("path") and spec.kind in FILE_KINDS and _file_sha(bound["path"]) != _file_sha(spec.path):
+      raise MismatchError(f"get_vocabulary.path={bound['path']!r} is another vocabulary file than the backbone's "
                           f"{spec.path} ({where}): drop the binding or point it at the backbone's file")
   size = spec.size
   if size > vocab_size:
@@ -162,18 +211,20 @@ def for_backbone(checkpoint_vocabulary: VocabSpec | dict[str, Any] | None, where
 
 
 def _from_record(record: dict[str, Any], where: str, path_hint: str | None) -> VocabSpec:
-  """A saved backbone's vocabulary: bytes, or the SentencePiece file the gin binding names (else the file it was
-  saved with, if it is still there), if its content hash matches."""
+  """A saved backbone's vocabulary: bytes, or the vocabulary file (SentencePiece model, tokenizer.json) the gin
+  binding names (else the file it was saved with, if it is still there), if its content hash matches."""
   if record.get("kind") == "byte":
     return VocabSpec("byte", None, record.get("extra_ids"))
+  kind = record.get("kind", "sentencepiece")
+  what = "SentencePiece model" if kind == "sentencepiece" else "tokenizer.json"
   path = _bound_explicitly().get("path") or (path_hint if path_hint and fs.isfile(path_hint) else None)
   if not path:
-    raise ConfigError(f"the backbone {where} was trained with a SentencePiece vocabulary (sha256 "
-                      f"{record.get('sha256')}): set get_vocabulary.path to that .model file")
-  spec = VocabSpec("sentencepiece", path, record.get("extra_ids"))
+    raise ConfigError(f"the backbone {where} was trained with a {what} (sha256 {record.get('sha256')}): set "
+                      f"get_vocabulary.path to that file")
+  spec = VocabSpec(kind, path, record.get("extra_ids"), record.get("eos_id"))
   if spec.record()["sha256"] != record.get("sha256"):
-    raise MismatchError(f"get_vocabulary.path={path!r} (sha256 {spec.record()['sha256']}) is not the SentencePiece "
-                        f"model the backbone {where} was trained with (sha256 {record.get('sha256')})")
+    raise MismatchError(f"get_vocabulary.path={path!r} (sha256 {spec.record()['sha256']}) is not the {what} the "
+                        f"backbone {where} was trained with (sha256 {record.get('sha256')})")
   return spec
 
 

@@ -95,7 +95,8 @@ def load_causal(model_path: str | None, config: CausalLMConfig, seed: int = 0) -
     directory = fs.join(model_path, BACKBONE_DIR) if fs.isdir(fs.join(model_path, BACKBONE_DIR)) else model_path
     params, metadata = restore_backbone(directory, config, shardings)
     record = metadata.get("vocabulary") or {}
-    spec = vocab.VocabSpec(record.get("kind", "byte"), metadata.get("vocabulary_path"), record.get("extra_ids"))
+    spec = vocab.VocabSpec(record.get("kind", "byte"), metadata.get("vocabulary_path"), record.get("extra_ids"),
+                           record.get("eos_id"))
   return Loaded(model, params, weights_checksum(params), codec_for(model_path, spec))
 
 

@@ -32,7 +32,7 @@ from moe_jax.evaluation import option_letters
 from moe_jax.models.causal import CausalLM, CausalLMConfig
 from moe_jax.teacher import formats, hub
 from moe_jax.teacher.enhance import load_causal, model_config_for
-from moe_jax.teacher.text import Codec, hf_codec
+from moe_jax.teacher.text import Codec
 
 _EPOCH = re.compile(r"^epoch_(\d+)$")
 
@@ -161,13 +161,14 @@ def table(epoch: int, scores: Mapping[str, float], sizes: Mapping[str, int],
 @gin.configurable
 def evaluate_students(model_dir: str = gin.REQUIRED, eval_files: Mapping[str, str] | None = None,
                       output_dir: str | None = None, model_config: CausalLMConfig | None = None,
-                      tokenizer_from: str | None = None, batch_size: int = 32,
+                      init_from: str | None = None, batch_size: int = 32,
                       max_examples: int | None = None, eval_sets: Sequence[str] = (),
                       data_root: str | None = None) -> dict[int, dict[str, float]]:
   """{epoch: {eval set: accuracy}} of every finished epoch of the student run `model_dir` on the prepared
   `eval_files` ({name: prepared .jsonl}) and `eval_sets` (benchmarks under `data_root`, see `eval_set_files`),
-  written to `output_dir` (default `model_dir/eval`). `tokenizer_from`: a HF directory whose tokenizer the student
-  reads (a student fine-tuned from a HF model). Every set is read, and its subjects checked, before any model
+  written to `output_dir` (default `model_dir/eval`). `init_from`: the HF directory the student was fine-tuned from,
+  whose config.json is the model config when none is bound (the tokenizer is the one the student's run recorded).
+  Every set is read, and its subjects checked, before any model
   loads, so a missing file fails in a second."""
   paths = dict(eval_files or {})
   for name, path in eval_set_files(eval_sets, data_root).items():
@@ -181,14 +182,12 @@ def evaluate_students(model_dir: str = gin.REQUIRED, eval_files: Mapping[str, st
   sets = {name: formats.read_rows(path)[:max_examples] for name, path in paths.items()}
   subjects = {name: subjects_of(rows, f"eval set {name!r} ({paths[name]})") for name, rows in sets.items()}
   sizes = {name: len(rows) for name, rows in sets.items()}
-  config = model_config_for(tokenizer_from, model_config)
+  config = model_config_for(init_from, model_config)
   results: dict[int, dict[str, float]] = {}
   pooled: dict[int, dict[str, float]] = {}
   by_subject: dict[int, dict[str, dict[str, tuple[int, float]]]] = {}
   for epoch, path in epochs_of(model_dir).items():
     model, params, _, codec = load_causal(path, config)
-    if tokenizer_from:
-      codec = hf_codec(tokenizer_from)
     scores = {name: set_score(correct(model, params, codec, rows, batch_size), subjects[name])
               for name, rows in sets.items()}
     results[epoch] = {name: score.accuracy for name, score in scores.items()}

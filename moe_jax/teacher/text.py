@@ -1,10 +1,10 @@
 """Text <-> token ids for a teacher or student causal LM, without TensorFlow.
 
 A Hugging Face causal LM directory ships its tokenizer (tokenizer.json, BPE for BLOOM and Llama), which
-`moe_jax.data.vocab` does not cover: it is read with the `tokenizers` library, special tokens as its
-post-processor adds them, EOS from config.json. A model this package trained reads its run vocabulary (UTF-8 bytes
-or SentencePiece) in our own causal format, which starts every sequence with the start token 0 (what
-`feature_converter(decoder_only=True)` feeds it): `prefix` carries that token.
+is read with the `tokenizers` library, special tokens as its post-processor adds them, EOS from config.json. A
+model this package trained reads its run vocabulary (UTF-8 bytes, SentencePiece, or a HF tokenizer.json without
+its special tokens: `moe_jax.data.hf_tokenizer`) in our own causal format, which starts every sequence with the
+start token 0 (what `feature_converter(decoder_only=True)` feeds it): `prefix` carries that token.
 """
 
 from __future__ import annotations
@@ -56,5 +56,9 @@ def codec_for(model_path: str | None, spec: vocab.VocabSpec) -> Codec:
     return hf_codec(model_path)
   if spec.kind == "byte":
     return byte_codec()
+  if spec.kind == "tokenizer":  # a HF tokenizer a model trained here reads, in our causal format (start token 0)
+    tokenizer = vocab.load_tokenizer(spec.path)
+    return Codec(lambda s: tokenizer.encode(s, add_special_tokens=False).ids,
+                 lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), (START_ID,), int(spec.eos_id))
   built = spec.build()  # SentencePiece through seqio
   return Codec(lambda s: list(built.encode(s)), lambda ids: built.decode(list(ids)), (START_ID,), built.eos_id)

@@ -1,0 +1,93 @@
+"""A TeacherLM student fine-tuned from a Hugging Face causal LM reads the checkpoint's own BPE tokenizer.json (the
+seed's BLOOMZ student): training batches hold the ids transformers' tokenizer gives (the reference), the run
+records that vocabulary, and evaluation reads the student with it. A tiny BLOOM and a byte-level BPE trained here,
+no network."""
+
+from __future__ import annotations
+
+import json
+
+import gin
+import pytest
+import tokenizers
+import transformers
+
+from moe_jax import gin_utils
+from moe_jax.checkpoints.hf_causal import config_from_hf_causal
+from moe_jax.data import pipeline, vocab
+from moe_jax.errors import ConfigError
+from moe_jax.teacher import evaluate as ev
+from moe_jax.teacher import formats, student
+from moe_jax.teacher.enhance import load_causal
+
+TEXTS = ["Q: Is a lime green? (A) Yes (B) No A: The answer is (A). Let's think step by step. A lime is green.",
+         "Q: Is a cherry yellow? (A) Yes (B) No A: The answer is (B). Let's think step by step. A cherry is red.",
+         "Q: Is corn yellow? (A) Yes (B) No A: The answer is (A). Let's think step by step. Corn is yellow."]
+
+
+@pytest.fixture(scope="module")
+def hf_student(tmp_path_factory):
+  """A HF BLOOM directory with a byte-level BPE tokenizer.json whose EOS is `</s>`."""
+  path = tmp_path_factory.mktemp("hf_bloom")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(TEXTS * 4, trainer)
+  tokenizer.save(str(path / "tokenizer.json"))
+  eos = tokenizer.token_to_id("</s>")
+  config = transformers.BloomConfig(vocab_size=tokenizer.get_vocab_size() + 8, hidden_size=32, n_layer=2, n_head=4,
+                                    eos_token_id=eos, bos_token_id=1, pad_token_id=3)
+  transformers.BloomForCausalLM(config).save_pretrained(path, safe_serialization=True)
+  return str(path), eos
+
+
+def test_vocabulary_is_the_tokenizer_transformers_reads(hf_student):
+  path, eos = hf_student
+  spec = vocab.hf_vocabulary(path)
+  assert (spec.kind, spec.eos_id) == ("tokenizer", eos)
+  reference = transformers.PreTrainedTokenizerFast(tokenizer_file=f"{path}/tokenizer.json")
+  built = spec.build()
+  for text in TEXTS + ["héllo wörld, unseen"]:
+    want = reference(text, add_special_tokens=False)["input_ids"]
+    assert list(built.encode_tf(text).numpy()) == want == built.encode(text)
+    assert built.decode(want) == reference.decode(want)
+  assert built.vocab_size == spec.size == len(reference)
+
+
+def test_student_from_hf_trains_on_its_ids_and_evaluates_with_them(hf_student, tmp_path):
+  path, eos = hf_student
+  gin.clear_config()
+  gin_utils.configure(["teacherlm_student.gin"], ["train.feature_lengths = {'inputs': 0, 'targets': 64}",
+                                                  "make_optimizer.learning_rate = 1e-3"])
+  config = config_from_hf_causal(path, dtype="float32")
+  data = tmp_path / "enhanced.jsonl"
+  data.write_text("".join(json.dumps({"cot_tail": t}) + "\n" for t in TEXTS))
+  products = student.train_student(str(data), str(tmp_path / "run"), init_from=path, model_config=config, epochs=1,
+                                   batch_size=4, gin_config_str=gin.config_str())
+
+  reference = transformers.PreTrainedTokenizerFast(tokenizer_file=f"{path}/tokenizer.json")
+  with vocab.using(vocab.hf_vocabulary(path)):
+    batch = next(pipeline.train_batches("teacherlm_student", {"inputs": 0, "targets": 64}, 4, decoder_only=True))
+  rows = {tuple(t[w > 0]) for t, w in zip(batch["decoder_target_tokens"], batch["decoder_loss_weights"]) if w.any()}
+  assert rows == {tuple(reference(t, add_special_tokens=False)["input_ids"] + [eos]) for t in TEXTS}
+
+  _, _, _, codec = load_causal(products[0], config)
+  assert codec.prefix == (0,) and codec.eos_id == eos  # the causal format it was trained in
+  assert codec.encode(TEXTS[0]) == reference(TEXTS[0], add_special_tokens=False)["input_ids"]
+  eval_file = tmp_path / "eval.jsonl"
+  eval_file.write_text(formats.to_jsonl(formats.prepare_rows(
+      [{"question": "Is a lime green?", "answer": True}, {"question": "Is corn red?", "answer": False}],
+      "strategyqa")))
+  results = ev.evaluate_students(str(tmp_path / "run"), {"eval": str(eval_file)}, model_config=config)
+  assert list(results) == [1] and 0.0 <= results[1]["eval"] <= 100.0
+  gin.clear_config()
+
+
+def test_a_tokenizer_without_eos_is_one_line(tmp_path):
+  tokenizers.Tokenizer(tokenizers.models.BPE()).save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
+  with pytest.raises(ConfigError, match="names no EOS token"):
+    vocab.hf_vocabulary(str(tmp_path))
+  assert vocab.hf_vocabulary(str(tmp_path / "missing")) is None
