@@ -1,24 +1,31 @@
 """A TeacherLM student fine-tuned from a Hugging Face causal LM reads the checkpoint's own BPE tokenizer.json (the
 seed's BLOOMZ student): training batches hold the ids transformers' tokenizer gives (the reference), the run
-records that vocabulary, and evaluation reads the student with it. A tiny BLOOM and a byte-level BPE trained here,
-no network."""
+records that vocabulary, and evaluation reads the student with it; a LoRA student's epochs are folded products. A
+tiny BLOOM and a byte-level BPE trained here, no network."""
 
 from __future__ import annotations
 
 import json
 
+import flax
 import gin
+import jax
+import jax.numpy as jnp
 import pytest
 import tokenizers
 import transformers
 
 from moe_jax import gin_utils
-from moe_jax.checkpoints.hf_causal import config_from_hf_causal
+from moe_jax.checkpoints.hf_causal import config_from_hf_causal, load_hf_causal_lm
 from moe_jax.data import pipeline, vocab
 from moe_jax.errors import ConfigError
+from moe_jax.models.causal import CAUSAL_LM_MODULES, CausalLM
+from moe_jax.models.config import ExpertConfig
+from moe_jax.models.routers import Uniform
 from moe_jax.teacher import evaluate as ev
 from moe_jax.teacher import formats, student
 from moe_jax.teacher.enhance import load_causal
+from moe_jax.training import checkpointing as ckpt
 
 TEXTS = ["Q: Is a lime green? (A) Yes (B) No A: The answer is (A). Let's think step by step. A lime is green.",
          "Q: Is a cherry yellow? (A) Yes (B) No A: The answer is (B). Let's think step by step. A cherry is red.",
@@ -91,3 +98,34 @@ def test_a_tokenizer_without_eos_is_one_line(tmp_path):
   with pytest.raises(ConfigError, match="names no EOS token"):
     vocab.hf_vocabulary(str(tmp_path))
   assert vocab.hf_vocabulary(str(tmp_path / "missing")) is None
+
+
+def test_lora_student_folds_each_epoch_into_its_product(hf_student, tmp_path):
+  """A LoRA student (the frozen HF weights + one trained LoRA) saves each epoch with the LoRA folded into the
+  kernels: the folded model's logits are the LoRA model's (routed path, float32), and nothing but the LoRA
+  modules' kernels moved."""
+  path, _ = hf_student
+  gin.clear_config()
+  gin_utils.configure(["teacherlm_student.gin"], ["train.feature_lengths = {'inputs': 0, 'targets': 64}",
+                                                  "make_optimizer.learning_rate = 1e-2"])
+  config = config_from_hf_causal(path, dtype="float32")
+  data = tmp_path / "enhanced.jsonl"
+  data.write_text("".join(json.dumps({"cot_tail": t}) + "\n" for t in TEXTS))
+  lora = ExpertConfig(rank=4, modules=CAUSAL_LM_MODULES)
+  run = tmp_path / "run"
+  products = student.train_student(str(data), str(run), init_from=path, model_config=config, epochs=2,
+                                   batch_size=4, lora=lora, gin_config_str=gin.config_str())
+  gin.clear_config()
+  base = flax.traverse_util.flatten_dict(jax.device_get(load_hf_causal_lm(path, config)[1]))
+  tokens = jnp.asarray([[0] + vocab.hf_vocabulary(path).build().encode(TEXTS[1])])
+  mask = jnp.ones_like(tokens)
+  for epoch, product in enumerate(products, 1):
+    folded = jax.device_get(load_causal(product, config).params)
+    expert, _ = ckpt.load_experts(ckpt.expert_file(str(run / f"epoch_{epoch}")), config)
+    routed = CausalLM(config, ExpertConfig(num_experts=1, rank=4, modules=CAUSAL_LM_MODULES, router=Uniform()))
+    merged = flax.traverse_util.unflatten_dict({**base, **flax.traverse_util.flatten_dict(expert)})
+    want = routed.apply({"params": merged}, tokens, mask)
+    got = CausalLM(config).apply({"params": folded}, tokens, mask)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 1e-5
+    moved = {"/".join(k) for k, v in flax.traverse_util.flatten_dict(folded).items() if not (v == base[k]).all()}
+    assert moved and all(k.endswith("kernel") and ("attention/" in k or "mlp/" in k) for k in moved), moved

@@ -32,12 +32,14 @@ from moe_jax import fs
 from moe_jax.data import pipeline  # noqa: F401  (the data configurables, registered before gin locks)
 from moe_jax.data.vocab import run_vocabulary
 from moe_jax.errors import ConfigError
+from moe_jax.methods.merged import merge_into_backbone
 from moe_jax.models.causal import CausalLMConfig
+from moe_jax.models.config import ExpertConfig
 from moe_jax.teacher import formats
 from moe_jax.teacher.enhance import model_config_for
 from moe_jax.training import loop
 from moe_jax.training import partitioning as part
-from moe_jax.training.backbone import BACKBONE_DIR, load_backbone
+from moe_jax.training.backbone import BACKBONE_DIR, Backbone, load_backbone, save_backbone
 
 LOSS_ON = ("all", "rationale")
 
@@ -129,17 +131,35 @@ def epoch_product(model_dir: str, epoch: int) -> str:
   return fs.join(epoch_dir(model_dir, epoch), BACKBONE_DIR)
 
 
+def fold_lora(expert_product: str, destination: str, config: CausalLMConfig, lora: ExpertConfig,
+              backbone: Backbone) -> str:
+  """Save the backbone with a trained LoRA folded into its kernels (W + A B / r in float32, as PEFT's
+  `merge_and_unload`) at `destination`, a product like a full fine-tune's, so enhancement and evaluation read
+  either; an existing one is kept (a rerun resumes)."""
+  if fs.isdir(destination):
+    return destination
+  expert, metadata = loop.load_expert_file(expert_product, config, loop.stage_experts("expert", lora), backbone)
+  save_backbone(destination, merge_into_backbone(backbone.params, expert), config, {
+      "task": metadata.get("task"), "lora": {"expert": expert_product, "rank": lora.rank, "modules": lora.modules},
+      "parent": backbone.record(), "vocabulary": backbone.vocabulary.record(),
+      "vocabulary_path": backbone.vocabulary.path})
+  return destination
+
+
 @gin.configurable(denylist=["gin_config_str"])
 def train_student(data_file: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, init_from: str | None = None,
                   model_config: CausalLMConfig | None = None, field: str = "cot_tail", loss_on: str = "all",
                   epochs: int = 10, batch_size: int = 8, task_name: str = "teacherlm_student", seed: int = 0,
-                  passes_per_epoch: int = 1, gin_config_str: str = "") -> list[str]:
+                  passes_per_epoch: int = 1, lora: ExpertConfig | None = None,
+                  gin_config_str: str = "") -> list[str]:
   """Train `epochs` epochs and return each epoch's product (`model_dir/epoch_e/backbone`).
 
   `init_from`: the student's starting model (a HF causal LM directory, a multitask run dir, or None: random of
   `seed`); `model_config` as `enhance`'s. `feature_lengths`, save/log cadence and the optimizer come from the
   `train` and `make_optimizer` bindings. `passes_per_epoch`: exact passes over the data between two products (a
-  small data set trained for many passes compiles once per epoch, so fewer, longer epochs are quicker).
+  small data set trained for many passes compiles once per epoch, so fewer, longer epochs are quicker). `lora`:
+  train one LoRA (its modules and rank) on the frozen student instead of every weight (the expert stage), each
+  epoch's LoRA folded into the weights of its product (`fold_lora`).
   """
   if min(epochs, batch_size, passes_per_epoch) <= 0:
     raise ConfigError(f"train_student: epochs={epochs}, batch_size={batch_size} and passes_per_epoch="
@@ -156,11 +176,14 @@ def train_student(data_file: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, 
   steps = passes_per_epoch * math.ceil(len(pairs) / batch_size)
   products = []
   for epoch in range(1, epochs + 1):
-    products.append(loop.train(model_dir=epoch_dir(model_dir, epoch), mixture_or_task_name=task_name,
-                               stage="multitask", model_config=config, batch_size=batch_size,
-                               total_steps=epoch * steps, init_from=init_from, save_every=steps, seed=seed,
-                               checkpoint_dir=fs.join(fs.absolute(model_dir), loop.CHECKPOINT_DIR),
-                               gin_config_str=gin_config_str, backbone=backbone))
+    product = loop.train(model_dir=epoch_dir(model_dir, epoch), mixture_or_task_name=task_name,
+                         stage="multitask" if lora is None else "expert", model_config=config, experts=lora,
+                         batch_size=batch_size, total_steps=epoch * steps, init_from=init_from, save_every=steps,
+                         seed=seed, checkpoint_dir=fs.join(fs.absolute(model_dir), loop.CHECKPOINT_DIR),
+                         gin_config_str=gin_config_str, backbone=backbone)
+    if lora is not None:
+      product = fold_lora(product, epoch_product(model_dir, epoch), config, lora, backbone)
+    products.append(product)
   fs.write_text(fs.join(model_dir, "epochs.json"), json.dumps(
       {"data_file": data_file, "field": field, "loss_on": loss_on, "rows": len(pairs), "passes_per_epoch": passes_per_epoch,
        "steps_per_epoch": steps,
