@@ -63,16 +63,22 @@ def test_vocabulary_is_the_tokenizer_transformers_reads(hf_student):
   assert built.vocab_size == spec.size == len(reference)
 
 
-def test_student_from_hf_trains_on_its_ids_and_evaluates_with_them(hf_student, tmp_path):
-  path, eos = hf_student
+def _train(hf_dir: str, run: str, learning_rate: float, **kwargs):
+  """(config, products) of a student trained from `hf_dir` on TEXTS' cot_tail in batches of 4."""
   gin.clear_config()
   gin_utils.configure(["teacherlm_student.gin"], ["train.feature_lengths = {'inputs': 0, 'targets': 64}",
-                                                  "make_optimizer.learning_rate = 1e-3"])
-  config = config_from_hf_causal(path, dtype="float32")
-  data = tmp_path / "enhanced.jsonl"
-  data.write_text("".join(json.dumps({"cot_tail": t}) + "\n" for t in TEXTS))
-  products = student.train_student(str(data), str(tmp_path / "run"), init_from=path, model_config=config, epochs=1,
-                                   batch_size=4, gin_config_str=gin.config_str())
+                                                  f"make_optimizer.learning_rate = {learning_rate}"])
+  config = config_from_hf_causal(hf_dir, dtype="float32")
+  data = f"{run}.jsonl"
+  with open(data, "w") as f:
+    f.writelines(json.dumps({"cot_tail": t}) + "\n" for t in TEXTS)
+  return config, student.train_student(data, run, init_from=hf_dir, model_config=config, batch_size=4,
+                                       gin_config_str=gin.config_str(), **kwargs)
+
+
+def test_student_from_hf_trains_on_its_ids_and_evaluates_with_them(hf_student, tmp_path):
+  path, eos = hf_student
+  config, products = _train(path, str(tmp_path / "run"), 1e-3, epochs=1)
 
   reference = transformers.PreTrainedTokenizerFast(tokenizer_file=f"{path}/tokenizer.json")
   with vocab.using(vocab.hf_vocabulary(path)):
@@ -105,16 +111,8 @@ def test_lora_student_folds_each_epoch_into_its_product(hf_student, tmp_path):
   kernels: the folded model's logits are the LoRA model's (routed path, float32), and nothing but the LoRA
   modules' kernels moved."""
   path, _ = hf_student
-  gin.clear_config()
-  gin_utils.configure(["teacherlm_student.gin"], ["train.feature_lengths = {'inputs': 0, 'targets': 64}",
-                                                  "make_optimizer.learning_rate = 1e-2"])
-  config = config_from_hf_causal(path, dtype="float32")
-  data = tmp_path / "enhanced.jsonl"
-  data.write_text("".join(json.dumps({"cot_tail": t}) + "\n" for t in TEXTS))
-  lora = ExpertConfig(rank=4, modules=CAUSAL_LM_MODULES)
   run = tmp_path / "run"
-  products = student.train_student(str(data), str(run), init_from=path, model_config=config, epochs=2,
-                                   batch_size=4, lora=lora, gin_config_str=gin.config_str())
+  config, products = _train(path, str(run), 1e-2, epochs=2, lora=ExpertConfig(rank=4, modules=CAUSAL_LM_MODULES))
   gin.clear_config()
   base = flax.traverse_util.flatten_dict(jax.device_get(load_hf_causal_lm(path, config)[1]))
   tokens = jnp.asarray([[0] + vocab.hf_vocabulary(path).build().encode(TEXTS[1])])
