@@ -13,6 +13,10 @@ Output does not depend on batching or on interruptions:
 - rows are written in chunks of `chunk_size`, each an atomic file `OUTPUT.parts/part-NNNNN.jsonl` (`moe_jax.fs`);
   a rerun skips the chunks that exist and, when all do, writes OUTPUT as their concatenation (atomically). A kill
   at any moment leaves whole chunks or none, so the rerun's OUTPUT is byte for byte the uninterrupted run's.
+- over processes (multi-host), chunk c is process c mod P's: each process generates its own chunks on a mesh of
+  its local devices (no collective between processes, so uneven leftovers after a resume cannot deadlock), each
+  batch's rows split over that mesh's batch axes, and writes its own part files; after a barrier process 0 writes
+  OUTPUT. The output is the one-process output (tested with two processes).
   `OUTPUT.parts/manifest.json` records what decides the rows (input file hash, teacher weights, field, sampling,
   lengths, chunking); a rerun with other settings stops instead of mixing two runs' rows (`overwrite=True` starts
   afresh).
@@ -30,6 +34,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from moe_jax import fs
@@ -73,12 +78,13 @@ class Loaded(NamedTuple):
   codec: Codec
 
 
-def load_causal(model_path: str | None, config: CausalLMConfig, seed: int = 0) -> Loaded:
+def load_causal(model_path: str | None, config: CausalLMConfig, seed: int = 0, mesh: Any = None) -> Loaded:
   """A HF causal LM directory, a multitask run dir (or its `backbone/`) of this package, or (None) a random model
-  of `seed`, placed on the mesh. Unlike `training.backbone.load_backbone` this builds no seqio vocabulary, so
-  generation and scoring run without TensorFlow (the GPU machines have none)."""
+  of `seed`, placed on `mesh` (default: `make_mesh()`, every process's devices). Unlike
+  `training.backbone.load_backbone` this builds no seqio vocabulary, so generation and scoring run without
+  TensorFlow (the GPU machines have none)."""
   model = build_model(config)
-  mesh, rules = part.make_mesh(), part.axis_rules()
+  mesh, rules = mesh or part.make_mesh(), part.axis_rules()
   shardings = part.logical_shardings(part.abstract_params(model), mesh, rules)
   if model_path is None:
     tokens = jnp.ones((1, 1), jnp.int32)
@@ -122,19 +128,21 @@ def _file_hash(path: str) -> str:
   return hashlib.sha256(fs.read_bytes(path)).hexdigest()[:16]
 
 
-def _check_manifest(parts_dir: str, manifest: dict[str, Any], overwrite: bool) -> None:
-  """Start the parts folder, or continue it when it was made with these settings."""
+def _start_parts(parts_dir: str, manifest: dict[str, Any], overwrite: bool) -> None:
+  """Start the parts folder, or continue it when it was made with these settings. Every process checks (a
+  mismatch stops them all alike); process 0 alone clears and writes, and the others wait for it."""
   path = fs.join(parts_dir, MANIFEST)
-  if fs.exists(path):
-    found = json.loads(fs.read_text(path))
-    if found == manifest:
-      return
-    if not overwrite:
-      differs = [k for k in sorted(set(found) | set(manifest)) if found.get(k) != manifest.get(k)]
-      raise MismatchError(f"{parts_dir} holds rows of another enhance run (differs in: {', '.join(differs)}): rerun "
-                          "with enhance.overwrite=True to start afresh, or choose another output_file")
-    fs.remove(parts_dir)
-  fs.write_text(path, json.dumps(manifest, sort_keys=True) + "\n")
+  found = json.loads(fs.read_text(path)) if fs.exists(path) else None
+  if found is not None and found != manifest and not overwrite:
+    differs = [k for k in sorted(set(found) | set(manifest)) if found.get(k) != manifest.get(k)]
+    raise MismatchError(f"{parts_dir} holds rows of another enhance run (differs in: {', '.join(differs)}): rerun "
+                        "with enhance.overwrite=True to start afresh, or choose another output_file")
+  if found != manifest and jax.process_index() == 0:
+    if found is not None:
+      fs.remove(parts_dir)
+    fs.write_text(path, json.dumps(manifest, sort_keys=True) + "\n")
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"enhance parts {parts_dir}")
 
 
 @gin.configurable
@@ -159,29 +167,38 @@ def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, tea
     if not isinstance(row.get(field), str):
       raise ConfigError(f"{input_file} row {number}: no text field {field!r} (prepare it with "
                         "`python -m moe_jax.teacher prepare`)")
-  model, params, weights, codec = load_causal(teacher, model_config_for(teacher, model_config), teacher_seed)
+  mesh = part.make_mesh(devices=jax.local_devices())  # generation needs no other process: see the docstring
+  shards = part.batch_shards(mesh, part.axis_rules())
+  if batch_size % shards:
+    raise ConfigError(f"enhance.batch_size={batch_size} is not a multiple of the {shards} batch shards of this "
+                      "process's mesh (make_mesh data x fsdp x expert)")
+  model, params, weights, codec = load_causal(teacher, model_config_for(teacher, model_config), teacher_seed, mesh)
   parts_dir = output_file + PARTS_SUFFIX
   manifest = {"input_sha256": _file_hash(input_file), "rows": len(rows), "teacher_weights": weights,
               "field": field, "chunk_size": chunk_size, "max_prompt_length": max_prompt_length,
               "max_new_tokens": max_new_tokens, "temperature": float(temperature), "top_k": top_k,
               "top_p": float(top_p), "seed": seed}
-  _check_manifest(parts_dir, manifest, overwrite)
+  _start_parts(parts_dir, manifest, overwrite)
 
   cache = init_cache(model, 1, max_prompt_length + max_new_tokens)
   sampling = dict(max_new_tokens=max_new_tokens, eos_id=codec.eos_id, temperature=float(temperature),
                   top_k=top_k, top_p=float(top_p))
   chunks = range(0, len(rows), chunk_size)
-  todo = [start for start in chunks if not fs.exists(part_path(parts_dir, start // chunk_size))]
-  done = len(rows) - sum(min(chunk_size, len(rows) - start) for start in todo)
-  bar = tqdm(total=len(rows), initial=done, desc=f"enhance {field}", unit="example", disable=jax.process_index() != 0)
+  mine = [start for start in chunks if (start // chunk_size) % jax.process_count() == jax.process_index()]
+  todo = [start for start in mine if not fs.exists(part_path(parts_dir, start // chunk_size))]
+  total = sum(min(chunk_size, len(rows) - start) for start in mine)
+  done = total - sum(min(chunk_size, len(rows) - start) for start in todo)
+  bar = tqdm(total=total, initial=done, desc=f"enhance {field} (process {jax.process_index()})", unit="example")
+  batch = part.batch_sharding(mesh, part.axis_rules())
   try:
     for start in todo:
       out = _enhance_chunk(rows, range(start, min(start + chunk_size, len(rows))), field, model, params,
-                           cache, codec, batch_size, max_prompt_length, seed, sampling, bar)
-      if jax.process_index() == 0:
-        fs.write_text(part_path(parts_dir, start // chunk_size), formats.to_jsonl(out))
+                           cache, codec, batch_size, max_prompt_length, seed, sampling, bar, batch)
+      fs.write_text(part_path(parts_dir, start // chunk_size), formats.to_jsonl(out))
   finally:
     bar.close()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"enhance {output_file}")
   missing = [c for c in range(len(chunks)) if not fs.exists(part_path(parts_dir, c))]
   if missing:
     raise MissingFileError(f"{parts_dir}: chunks {missing[:5]} are missing after the run (another process removed "
@@ -193,9 +210,10 @@ def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, tea
 
 def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model: CausalLM, params: Any, cache: Any,
                    codec: Codec, batch_size: int, max_prompt_length: int, seed: int, sampling: dict[str, Any],
-                   bar: Any) -> list[dict[str, Any]]:
+                   bar: Any, sharding: Any) -> list[dict[str, Any]]:
   """The output rows of `indices`: fitting prompts generated `batch_size` at a time (the last batch padded with
-  empty rows, so every batch has one shape), the others recorded with their error."""
+  empty rows, so every batch has one shape), rows split over the devices by `sharding`, the others recorded with
+  their error."""
   out: dict[int, dict[str, Any]] = {}
   prompts: list[tuple[int, list[int]]] = []
   for i in indices:
@@ -218,8 +236,8 @@ def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model
       mask[r, max_prompt_length - len(ids):] = 1
       index[r] = i
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(index))
-    generated = np.asarray(jax.device_get(_generate_rows(model, params, cache, jnp.asarray(tokens),
-                                                         jnp.asarray(mask), keys, **sampling)))
+    tokens, mask, keys = jax.device_put((tokens, mask, keys), sharding)
+    generated = np.asarray(jax.device_get(_generate_rows(model, params, cache, tokens, mask, keys, **sampling)))
     for r, (i, ids) in enumerate(batch):
       new = _until_eos(generated[r], codec.eos_id)
       whole = codec.decode(ids[len(codec.prefix):] + new)
