@@ -24,7 +24,7 @@ from moe_jax.models.config import ExpertConfig
 from moe_jax.models.routers import Uniform
 from moe_jax.teacher import evaluate as ev
 from moe_jax.teacher import formats, student
-from moe_jax.teacher.enhance import load_causal
+from moe_jax.teacher.lm import load_lm
 from moe_jax.training import checkpointing as ckpt
 
 TEXTS = ["Q: Is a lime green? (A) Yes (B) No A: The answer is (A). Let's think step by step. A lime is green.",
@@ -86,7 +86,7 @@ def test_student_from_hf_trains_on_its_ids_and_evaluates_with_them(hf_student, t
   rows = {tuple(t[w > 0]) for t, w in zip(batch["decoder_target_tokens"], batch["decoder_loss_weights"]) if w.any()}
   assert rows == {tuple(reference(t, add_special_tokens=False)["input_ids"] + [eos]) for t in TEXTS}
 
-  _, _, _, codec = load_causal(products[0], config)
+  _, _, _, codec = load_lm(products[0], config)
   assert codec.prefix == (0,) and codec.eos_id == eos  # the causal format it was trained in
   assert codec.encode(TEXTS[0]) == reference(TEXTS[0], add_special_tokens=False)["input_ids"]
   eval_file = tmp_path / "eval.jsonl"
@@ -118,7 +118,7 @@ def test_lora_student_folds_each_epoch_into_its_product(hf_student, tmp_path):
   tokens = jnp.asarray([[0] + vocab.hf_vocabulary(path).build().encode(TEXTS[1])])
   mask = jnp.ones_like(tokens)
   for epoch, product in enumerate(products, 1):
-    folded = jax.device_get(load_causal(product, config).params)
+    folded = jax.device_get(load_lm(product, config).params)
     expert, _ = ckpt.load_experts(ckpt.expert_file(str(run / f"epoch_{epoch}")), config)
     routed = CausalLM(config, ExpertConfig(num_experts=1, rank=4, modules=CAUSAL_LM_MODULES, router=Uniform()))
     merged = flax.traverse_util.unflatten_dict({**base, **flax.traverse_util.flatten_dict(expert)})

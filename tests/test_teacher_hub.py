@@ -179,7 +179,7 @@ def test_evaluate_reads_the_data_root_and_averages_mmlu_over_subjects(tmp_path, 
   model_dir = tmp_path / "student"
   for epoch in (1, 2):
     os.makedirs(model_dir / f"epoch_{epoch}" / "backbone")
-  monkeypatch.setattr(ev, "load_causal", lambda path, config: (path, None, None, text.byte_codec()))
+  monkeypatch.setattr(ev, "load_lm", lambda path, config: (path, None, None, text.byte_codec()))
   monkeypatch.setattr(ev.option_letters, "option_letter_log_likelihoods", _fake_scores)
   explicit = str(tmp_path / "ecqa_mine.jsonl")
   formats.prepare(_write(tmp_path / "ecqa_raw.jsonl", RAW["tasksource/ecqa"][0]), "ecqa", explicit)

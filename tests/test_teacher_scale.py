@@ -23,7 +23,7 @@ from moe_jax import gin_utils
 from moe_jax.models.causal import CausalLMConfig
 from moe_jax.models.interface import build_model
 from moe_jax.teacher import student
-from moe_jax.teacher.enhance import load_causal
+from moe_jax.teacher.lm import load_lm
 from moe_jax.training import optimizer as opt
 from moe_jax.training import partitioning as part
 from moe_jax.training.train_step import abstract_state
@@ -54,7 +54,7 @@ def _train(data_file: str, model_dir: str, bindings: list[str]) -> list[str]:
 def _restore(product: str, bindings: list[str]):
   gin.clear_config()
   gin_utils.configure(["models/tiny_causal.gin"], TINY_BINDINGS + bindings)
-  return jax.device_get(load_causal(product, CausalLMConfig()).params)
+  return jax.device_get(load_lm(product, CausalLMConfig()).params)
 
 
 def _state_gib_per_device(config, fsdp: int) -> tuple[float, float]:

@@ -3,12 +3,14 @@
 Each row's prompt field (`cot`, `error` or `fundamental` of `moe_jax.teacher.formats`) is continued by the teacher
 with `moe_jax.models.decoding.generate`, and the row gains `cot` (the generated text, after the trigger), `all`
 (prompt and generation decoded as one sequence, as the seed's `decode(output[0])`) and `cot_tail` (`all` with runs
-of spaces collapsed); as in the seed, `cot` replaces the prompt field of that name. A row whose prompt does not fit `max_prompt_length` keeps `enhance_error` instead (and None
-in those three fields); nothing else stops the run.
+of spaces collapsed); as in the seed, `cot` replaces the prompt field of that name. A T5 teacher reads the prompt
+in its encoder and generates the continuation; `all` is then the prompt and the continuation decoded as one
+sequence too. A row whose prompt does not fit `max_prompt_length` keeps `enhance_error` instead (and None in
+those three fields); nothing else stops the run.
 
 Output does not depend on batching or on interruptions:
 - every row is sampled with its own key, `fold_in(PRNGKey(seed), row index)`, through a vmap of batch-1
-  generations, and every prompt is left-padded to the same `max_prompt_length`, so a row's computation is the
+  generations, and every prompt is padded to the same `max_prompt_length`, so a row's computation is the
   same whatever its batchmates and batch size (one compilation, too);
 - rows are written in chunks of `chunk_size`, each an atomic file `OUTPUT.parts/part-NNNNN.jsonl` (`moe_jax.fs`);
   a rerun skips the chunks that exist and, when all do, writes OUTPUT as their concatenation (atomically). A kill
@@ -17,9 +19,9 @@ Output does not depend on batching or on interruptions:
   its local devices (no collective between processes, so uneven leftovers after a resume cannot deadlock), each
   batch's rows split over that mesh's batch axes, and writes its own part files; after a barrier process 0 writes
   OUTPUT. The output is the one-process output (tested with two processes).
-  `OUTPUT.parts/manifest.json` records what decides the rows (input file hash, teacher weights, field, sampling,
-  lengths, chunking); a rerun with other settings stops instead of mixing two runs' rows (`overwrite=True` starts
-  afresh).
+`OUTPUT.parts/manifest.json` records what decides the rows (input file hash, teacher weights, field, sampling,
+lengths, chunking); a rerun with other settings stops instead of mixing two runs' rows (`overwrite=True` starts
+afresh).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import gin
@@ -38,16 +40,15 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from moe_jax import fs
-from moe_jax.checkpoints.identity import weights_checksum
-from moe_jax.data import vocab
 from moe_jax.errors import ConfigError, MismatchError, MissingFileError
 from moe_jax.models import decoding
-from moe_jax.models.causal import CausalLM, CausalLMConfig, causal_step_fn, init_cache
-from moe_jax.models.interface import build_model
+from moe_jax.models.causal import causal_step_fn, init_cache
+from moe_jax.models.interface import START_ID, is_decoder_only
+from moe_jax.models.t5 import t5_step_fn
 from moe_jax.teacher import formats
-from moe_jax.teacher.text import Codec, codec_for
+from moe_jax.teacher.lm import load_lm, model_config_for
+from moe_jax.teacher.text import Codec
 from moe_jax.training import partitioning as part
-from moe_jax.training.backbone import BACKBONE_DIR, restore_backbone
 
 PARTS_SUFFIX = ".parts"
 MANIFEST = "manifest.json"
@@ -58,64 +59,23 @@ def part_path(parts_dir: str, chunk: int) -> str:
   return fs.join(parts_dir, f"part-{chunk:05d}.jsonl")
 
 
-def model_config_for(model_path: str | None, model_config: CausalLMConfig | None) -> CausalLMConfig:
-  """The bound config, else a HF directory's own config.json; a moe_jax run dir needs the binding."""
-  if model_config is not None:
-    return model_config
-  if model_path and fs.isfile(fs.join(model_path, "config.json")):
-    from moe_jax.checkpoints.hf_causal import config_from_hf_causal  # pylint: disable=g-import-not-at-top
-    return config_from_hf_causal(model_path)
-  raise ConfigError(f"model {model_path!r} has no config.json: bind its model config (include a gin/models/*.gin "
-                    "file and model_config = @CausalLMConfig())")
-
-
-class Loaded(NamedTuple):
-  """A causal LM ready to generate or score: module, parameters on the mesh, their checksum, and its codec."""
-
-  model: CausalLM
-  params: Any
-  weights: str
-  codec: Codec
-
-
-def load_causal(model_path: str | None, config: CausalLMConfig, seed: int = 0, mesh: Any = None) -> Loaded:
-  """A HF causal LM directory, a multitask run dir (or its `backbone/`) of this package, or (None) a random model
-  of `seed`, placed on `mesh` (default: `make_mesh()`, every process's devices). Unlike
-  `training.backbone.load_backbone` this builds no seqio vocabulary, so generation and scoring run without
-  TensorFlow (the GPU machines have none)."""
-  model = build_model(config)
-  mesh, rules = mesh or part.make_mesh(), part.axis_rules()
-  shardings = part.logical_shardings(part.abstract_params(model), mesh, rules)
-  if model_path is None:
-    tokens = jnp.ones((1, 1), jnp.int32)
-    init = lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens, tokens))["params"]
-    params = jax.jit(init, out_shardings=shardings)()
-    spec = vocab.binding()
-  elif not fs.exists(model_path):
-    raise MissingFileError(f"model {model_path!r} does not exist (a HF causal LM directory or a multitask run dir)")
-  elif fs.isfile(fs.join(model_path, "config.json")):
-    from moe_jax.checkpoints.hf_causal import load_hf_causal_lm  # pylint: disable=g-import-not-at-top
-    params = jax.device_put(load_hf_causal_lm(model_path, config)[1], shardings)
-    spec = vocab.binding()  # unused: a HF directory's tokenizer.json is its codec
-  else:
-    directory = fs.join(model_path, BACKBONE_DIR) if fs.isdir(fs.join(model_path, BACKBONE_DIR)) else model_path
-    params, metadata = restore_backbone(directory, config, shardings)
-    record = metadata.get("vocabulary") or {}
-    spec = vocab.VocabSpec(record.get("kind", "byte"), metadata.get("vocabulary_path"), record.get("extra_ids"),
-                           record.get("eos_id"))
-  return Loaded(model, params, weights_checksum(params), codec_for(model_path, spec))
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "temperature", "top_k", "top_p"))
-def _generate_rows(model: CausalLM, params: Any, cache: Any, tokens: jax.Array, mask: jax.Array, keys: jax.Array,
+def _generate_rows(model: nn.Module, params: Any, cache: Any, tokens: jax.Array, mask: jax.Array, keys: jax.Array,
                    *, max_new_tokens: int, eos_id: int, temperature: float, top_k: int,
                    top_p: float) -> jax.Array:
   """[B, max_new_tokens] tokens, each row generated alone (batch 1, its own key) under a vmap: a row's tokens
-  are a function of the row, not of its batchmates."""
+  are a function of the row, not of its batchmates. A causal LM continues its left-padded prompt (`cache` is its
+  empty batch-1 cache); a T5 encodes its right-padded prompt and decodes from the start token."""
   def one(row_tokens: jax.Array, row_mask: jax.Array, key: jax.Array) -> jax.Array:
-    return decoding.generate(causal_step_fn(model, params), cache, row_tokens[None], row_mask[None],
-                             max_new_tokens, eos_id, rng=key if temperature > 0 else None,
-                             temperature=temperature, top_k=top_k, top_p=top_p)[0]
+    if is_decoder_only(model):
+      step_fn, start, prompt, prompt_mask = causal_step_fn(model, params), cache, row_tokens[None], row_mask[None]
+    else:
+      step_fn, start = t5_step_fn(model, params, row_tokens[None], max(max_new_tokens, 1))
+      prompt = jnp.full((1, 1), START_ID, jnp.int32)
+      prompt_mask = jnp.ones_like(prompt)
+    return decoding.generate(step_fn, start, prompt, prompt_mask, max_new_tokens, eos_id,
+                             rng=key if temperature > 0 else None, temperature=temperature, top_k=top_k,
+                             top_p=top_p)[0]
   return jax.vmap(one)(tokens, mask, keys)
 
 
@@ -147,14 +107,14 @@ def _start_parts(parts_dir: str, manifest: dict[str, Any], overwrite: bool) -> N
 
 @gin.configurable
 def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, teacher: str | None = None,
-            model_config: CausalLMConfig | None = None, field: str = "cot", batch_size: int = 8,
+            model_config: Any = None, field: str = "cot", batch_size: int = 8,
             chunk_size: int = 64, max_prompt_length: int = 512, max_new_tokens: int = 256,
             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
             teacher_seed: int = 0, overwrite: bool = False) -> str:
   """Write `output_file` (JSON lines): the rows of `input_file` with the teacher's continuation of `field`.
 
-  `teacher`: a HF causal LM directory, a multitask run dir of this package (bind `model_config`), or None for a
-  random model of `teacher_seed` (tests). The seed samples (do_sample) with temperature 1 and 2048 new tokens;
+  `teacher`: a HF causal LM or T5 directory, a multitask run dir of this package (bind `model_config`: a
+  `CausalLMConfig` or a `T5Config`), or None for a random model of `teacher_seed` (tests). The seed samples (do_sample) with temperature 1 and 2048 new tokens;
   `temperature=0` is greedy. `batch_size` rows are generated at once and `chunk_size` rows make one resumable
   part; neither changes a row's output (see the module docstring), but a resumed run must keep `chunk_size`,
   which numbers the parts.
@@ -172,7 +132,7 @@ def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, tea
   if batch_size % shards:
     raise ConfigError(f"enhance.batch_size={batch_size} is not a multiple of the {shards} batch shards of this "
                       "process's mesh (make_mesh data x fsdp x expert)")
-  model, params, weights, codec = load_causal(teacher, model_config_for(teacher, model_config), teacher_seed, mesh)
+  model, params, weights, codec = load_lm(teacher, model_config_for(teacher, model_config), teacher_seed, mesh)
   parts_dir = output_file + PARTS_SUFFIX
   manifest = {"input_sha256": _file_hash(input_file), "rows": len(rows), "teacher_weights": weights,
               "field": field, "chunk_size": chunk_size, "max_prompt_length": max_prompt_length,
@@ -180,7 +140,7 @@ def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, tea
               "top_p": float(top_p), "seed": seed}
   _start_parts(parts_dir, manifest, overwrite)
 
-  cache = init_cache(model, 1, max_prompt_length + max_new_tokens)
+  cache = init_cache(model, 1, max_prompt_length + max_new_tokens) if is_decoder_only(model) else None
   sampling = dict(max_new_tokens=max_new_tokens, eos_id=codec.eos_id, temperature=float(temperature),
                   top_k=top_k, top_p=float(top_p))
   chunks = range(0, len(rows), chunk_size)
@@ -208,7 +168,7 @@ def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, tea
   return output_file
 
 
-def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model: CausalLM, params: Any, cache: Any,
+def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model: nn.Module, params: Any, cache: Any,
                    codec: Codec, batch_size: int, max_prompt_length: int, seed: int, sampling: dict[str, Any],
                    bar: Any, sharding: Any) -> list[dict[str, Any]]:
   """The output rows of `indices`: fitting prompts generated `batch_size` at a time (the last batch padded with
@@ -216,10 +176,10 @@ def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model
   their error."""
   out: dict[int, dict[str, Any]] = {}
   prompts: list[tuple[int, list[int]]] = []
+  causal = is_decoder_only(model)
   for i in indices:
-    text_ids = codec.encode(rows[i][field])
-    ids = list(codec.prefix) + text_ids
-    if len(ids) > max_prompt_length:
+    ids = list(codec.prefix) + codec.encode(rows[i][field])
+    if len(ids) + (0 if causal else 1) > max_prompt_length:
       out[i] = {**rows[i], **dict.fromkeys(OUTPUT_FIELDS),
                 "enhance_error": f"prompt has {len(ids)} tokens > max_prompt_length={max_prompt_length}"}
       bar.update(1)
@@ -232,8 +192,12 @@ def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model
     mask = np.zeros((batch_size, max_prompt_length), np.int32)
     index = np.zeros((batch_size,), np.int32)
     for r, (i, ids) in enumerate(batch):
-      tokens[r, max_prompt_length - len(ids):] = ids
-      mask[r, max_prompt_length - len(ids):] = 1
+      if causal:  # left-padded: every row's next position is max_prompt_length
+        tokens[r, max_prompt_length - len(ids):] = ids
+        mask[r, max_prompt_length - len(ids):] = 1
+      else:  # the encoder's input, right-padded, ending in EOS as T5's training inputs do
+        tokens[r, :len(ids) + 1] = ids + [codec.eos_id]
+        mask[r, :len(ids) + 1] = 1
       index[r] = i
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(index))
     tokens, mask, keys = jax.device_put((tokens, mask, keys), sharding)

@@ -31,7 +31,7 @@ from moe_jax.errors import ConfigError, MissingFileError
 from moe_jax.evaluation import option_letters
 from moe_jax.models.causal import CausalLM, CausalLMConfig
 from moe_jax.teacher import formats, hub
-from moe_jax.teacher.enhance import load_causal, model_config_for
+from moe_jax.teacher.lm import load_lm, model_config_for
 from moe_jax.teacher.text import Codec
 
 _EPOCH = re.compile(r"^epoch_(\d+)$")
@@ -187,7 +187,7 @@ def evaluate_students(model_dir: str = gin.REQUIRED, eval_files: Mapping[str, st
   pooled: dict[int, dict[str, float]] = {}
   by_subject: dict[int, dict[str, dict[str, tuple[int, float]]]] = {}
   for epoch, path in epochs_of(model_dir).items():
-    model, params, _, codec = load_causal(path, config)
+    model, params, _, codec = load_lm(path, config)
     scores = {name: set_score(correct(model, params, codec, rows, batch_size), subjects[name])
               for name, rows in sets.items()}
     results[epoch] = {name: score.accuracy for name, score in scores.items()}

@@ -36,7 +36,7 @@ from moe_jax.methods.merged import merge_into_backbone
 from moe_jax.models.causal import CausalLMConfig
 from moe_jax.models.config import ExpertConfig
 from moe_jax.teacher import formats
-from moe_jax.teacher.enhance import model_config_for
+from moe_jax.teacher.lm import model_config_for
 from moe_jax.training import loop
 from moe_jax.training import partitioning as part
 from moe_jax.training.backbone import BACKBONE_DIR, Backbone, load_backbone, save_backbone

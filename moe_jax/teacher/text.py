@@ -50,15 +50,21 @@ def hf_codec(directory: str) -> Codec:
                (), int(eos if eos is not None else -1))
 
 
-def codec_for(model_path: str | None, spec: vocab.VocabSpec) -> Codec:
-  """The codec of a loaded model: its HF tokenizer if the directory has one, else its run vocabulary `spec`."""
-  if model_path and fs.isfile(fs.join(model_path, "tokenizer.json")):
+def codec_for(model_path: str | None, spec: vocab.VocabSpec, decoder_only: bool = True) -> Codec:
+  """The codec of a loaded model: a HF causal LM directory's tokenizer.json, else its vocabulary `spec`, in our
+  format: a causal LM's sequences start with the start token, a T5's encoder input has no prefix (its caller
+  appends EOS, as seqio's T5 features do). SentencePiece is read with the sentencepiece package (no TensorFlow)."""
+  if decoder_only and model_path and fs.isfile(fs.join(model_path, vocab.HF_TOKENIZER)):
     return hf_codec(model_path)
+  prefix = (START_ID,) if decoder_only else ()
   if spec.kind == "byte":
-    return byte_codec()
-  if spec.kind == "tokenizer":  # a HF tokenizer a model trained here reads, in our causal format (start token 0)
+    return dataclasses.replace(byte_codec(), prefix=prefix)
+  if spec.kind == "tokenizer":  # a HF tokenizer a model trained here reads
     tokenizer = vocab.load_tokenizer(spec.path)
     return Codec(lambda s: tokenizer.encode(s, add_special_tokens=False).ids,
-                 lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), (START_ID,), int(spec.eos_id))
-  built = spec.build()  # SentencePiece through seqio
-  return Codec(lambda s: list(built.encode(s)), lambda ids: built.decode(list(ids)), (START_ID,), built.eos_id)
+                 lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), prefix, int(spec.eos_id))
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  processor = sentencepiece.SentencePieceProcessor(model_proto=fs.read_bytes(spec.path))
+  pieces = processor.get_piece_size()  # ids past it are seqio's sentinels, which decode to nothing here
+  return Codec(lambda s: list(processor.encode(s)), lambda ids: processor.decode([int(i) for i in ids if i < pieces]),
+               prefix, processor.eos_id())
