@@ -3,6 +3,7 @@ size and survives a kill -9 with byte-identical output."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -137,6 +138,39 @@ def test_enhance_resumes_after_kill_9_byte_for_byte_and_ignores_batch_size(tmp_p
     en.enhance(prepared, whole, model_config=config, batch_size=4, **{**SETTINGS, "seed": 8})
   with pytest.raises(ConfigError, match="no text field 'nope'"):
     en.enhance(prepared, whole, model_config=config, field="nope", **SETTINGS)
+
+
+def test_a_row_the_tokenizer_cannot_read_is_kept_with_its_error(tmp_path, monkeypatch):
+  """The codec fails on one row's prompt and on another row's generation: both rows stay in place with their
+  errors, every other row is enhanced as without the failures."""
+  prepared = _prepared(tmp_path, n=4)
+  config = CausalLMConfig(**TINY)
+  clean = str(tmp_path / "clean.jsonl")
+  en.enhance(prepared, clean, model_config=config, batch_size=2, **SETTINGS)
+  real = en.load_lm
+
+  def flaky(*args, **kwargs):
+    loaded = real(*args, **kwargs)
+    def encode(text):
+      if "Claim 1" in text:
+        raise UnicodeError("unreadable")
+      return loaded.codec.encode(text)
+    decoded = []
+    def decode(ids):
+      decoded.append(ids)
+      if len(decoded) == 3:  # the first call for the second generated row (two decodes per row)
+        raise ValueError("id out of range")
+      return loaded.codec.decode(ids)
+    return loaded._replace(codec=dataclasses.replace(loaded.codec, encode=encode, decode=decode))
+
+  monkeypatch.setattr(en, "load_lm", flaky)
+  out = str(tmp_path / "flaky.jsonl")
+  en.enhance(prepared, out, model_config=config, batch_size=2, **SETTINGS)
+  rows, want = _read_jsonl(out), _read_jsonl(clean)
+  assert len(rows) == 4 and rows[1]["enhance_error"] == "encoding the prompt failed: UnicodeError: unreadable"
+  assert rows[2]["enhance_error"] == "decoding the generation failed: ValueError: id out of range"
+  assert rows[1]["cot"] is None and rows[2]["all"] is None
+  assert [rows[0], rows[3]] == [want[0], want[3]]
 
 
 def test_hf_directory_codec_uses_its_tokenizer_json(tmp_path):

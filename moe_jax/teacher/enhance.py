@@ -5,8 +5,9 @@ with `moe_jax.models.decoding.generate`, and the row gains `cot` (the generated 
 (prompt and generation decoded as one sequence, as the seed's `decode(output[0])`) and `cot_tail` (`all` with runs
 of spaces collapsed); as in the seed, `cot` replaces the prompt field of that name. A T5 teacher reads the prompt
 in its encoder and generates the continuation; `all` is then the prompt and the continuation decoded as one
-sequence too. A row whose prompt does not fit `max_prompt_length` keeps `enhance_error` instead (and None in
-those three fields); nothing else stops the run.
+sequence too. A row whose prompt does not fit `max_prompt_length`, or whose prompt or generation the tokenizer cannot
+encode or decode, keeps `enhance_error` instead (and None in those three fields); nothing about one row stops the
+run.
 
 Output does not depend on batching or on interruptions:
 - every row is sampled with its own key, `fold_in(PRNGKey(seed), row index)`, through a vmap of batch-1
@@ -177,11 +178,18 @@ def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model
   out: dict[int, dict[str, Any]] = {}
   prompts: list[tuple[int, list[int]]] = []
   causal = is_decoder_only(model)
+  def failed(i: int, error: str) -> None:
+    out[i] = {**rows[i], **dict.fromkeys(OUTPUT_FIELDS), "enhance_error": error}
+
   for i in indices:
-    ids = list(codec.prefix) + codec.encode(rows[i][field])
+    try:
+      ids = list(codec.prefix) + codec.encode(rows[i][field])
+    except Exception as e:  # pylint: disable=broad-except  (one row the tokenizer cannot read is not the run's end)
+      failed(i, f"encoding the prompt failed: {type(e).__name__}: {e}")
+      bar.update(1)
+      continue
     if len(ids) + (0 if causal else 1) > max_prompt_length:
-      out[i] = {**rows[i], **dict.fromkeys(OUTPUT_FIELDS),
-                "enhance_error": f"prompt has {len(ids)} tokens > max_prompt_length={max_prompt_length}"}
+      failed(i, f"prompt has {len(ids)} tokens > max_prompt_length={max_prompt_length}")
       bar.update(1)
     else:
       prompts.append((i, ids))
@@ -204,7 +212,11 @@ def _enhance_chunk(rows: list[dict[str, Any]], indices: range, field: str, model
     generated = np.asarray(jax.device_get(_generate_rows(model, params, cache, tokens, mask, keys, **sampling)))
     for r, (i, ids) in enumerate(batch):
       new = _until_eos(generated[r], codec.eos_id)
-      whole = codec.decode(ids[len(codec.prefix):] + new)
-      out[i] = {**rows[i], "cot": codec.decode(new), "all": whole, "cot_tail": formats.collapse_spaces(whole)}
+      try:
+        whole, cot = codec.decode(ids[len(codec.prefix):] + new), codec.decode(new)
+      except Exception as e:  # pylint: disable=broad-except  (kept with its error, as an unreadable prompt is)
+        failed(i, f"decoding the generation failed: {type(e).__name__}: {e}")
+        continue
+      out[i] = {**rows[i], "cot": cot, "all": whole, "cot_tail": formats.collapse_spaces(whole)}
     bar.update(len(batch))
   return [out[i] for i in indices]
