@@ -15,14 +15,15 @@
 - `pallas`: the same sort into one-expert row tiles, then two Pallas kernels (Punica-style shrink and expand) that
   index A[e] and B[e] in place (`moe_jax.models.routed_pallas`); forward only. Compiled through Triton on GPU,
   through the Pallas interpreter elsewhere (for tests: slow).
-- `auto`: on the CPU backend, `grid` unless its smallest grid has as many rows as dense's T*E (decoding steps,
-  one expert); measured there on T5 layers, it beat `dense` at E=8 and `sorted` at E=36 and 166 (1.3-2x on the
-  routed part at E=166, 3-6 tokens per expert). Elsewhere (`grid` is unmeasured on accelerators): `dense` when
-  E <= `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than T*E rows, else `pallas`
-  on a GPU (not yet timed on one: `benchmarks/routed_lora.py --preset t5xl` compares it with the others) and
-  `sorted` on other accelerators.
-  `sorted`'s block and `grid`'s smallest capacity follow the mean group (T*k/E, a power of two >= 8; blocks <= 64),
-  so that small batches and decoding steps do not pay E*64 rows of padding.
+- `auto`: `dense` when E <= `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than
+  T*E rows, else `pallas` on a GPU (not yet timed on one: `benchmarks/routed_lora.py --preset t5xl` compares it
+  with the others) and `sorted` elsewhere. `sorted`'s block follows the mean group (T*k/E, a power of two in
+  [8, 64]), so that small batches and decoding steps do not pay E*64 rows of padding. `grid` beat `sorted` on CPU
+  in the benchmark (1.3-2x on the routed part at E=166) but is not `auto`'s choice there yet: with it as `auto`
+  (and the Pallas modules imported by every process), two whole-suite runs crashed inside XLA:CPU's compiler
+  (abort, then segfault) while compiling a routed T5 pipeline that compiles fine alone. Until the cause is
+  isolated, `auto` keeps `sorted`, Pallas is imported only where it runs, and `grid` is asked for by name
+  (`ExpertConfig.impl = 'grid'`).
 
 All formulations accumulate in float32 and keep the rank-r intermediate in float32 (low-precision intermediates are
 a known bug class in routed LoRA code). `moe_jax.models.reference` holds the float64 oracle they are tested against.
@@ -34,7 +35,6 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.errors import ConfigError
-from moe_jax.models import routed_pallas
 from moe_jax.models.routers import Routing
 
 Array = jax.Array
@@ -98,6 +98,7 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
     elif impl == "grid":
       out = _grid(x2, a, b, experts, weights, block)
     elif impl == "pallas":  # the GPU kernel; elsewhere the same kernels through the Pallas interpreter (slow)
+      from moe_jax.models import routed_pallas  # pylint: disable=g-import-not-at-top
       out = routed_pallas.routed_lora_pallas(x2, a, b, experts, weights, interpret=not routed_pallas.available())
     else:
       out = _ragged(x2, a, b, experts, weights)
@@ -105,14 +106,17 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
 
 
 def _auto(tokens: int, k: int, num_experts: int, block: int) -> str:
-  """Dense computes T*E expert rows with plain matmuls; sorted and grid compute their padded rows with gathers around
-  them. On CPU, grid's E*capacity rows beat dense's T*E as soon as they are fewer (measured at E = 8, 36, 166)."""
-  if jax.default_backend() == "cpu":
-    return "grid" if grid_capacities(tokens, k, num_experts)[0] < tokens else "dense"
+  """Dense computes T*E expert rows with plain matmuls; sorted computes its padded rows with gathers around them.
+  On a GPU the Pallas kernels replace sorted. `grid` is faster than sorted on CPU in the benchmark but is not
+  chosen: see the module docstring."""
   small = num_experts <= DENSE_MAX_EXPERTS or 4 * sorted_rows(tokens, k, num_experts, block) > tokens * num_experts
   if small:
     return "dense"
-  return "pallas" if routed_pallas.available() else "sorted"
+  if jax.default_backend() == "gpu":
+    from moe_jax.models import routed_pallas  # pylint: disable=g-import-not-at-top  (Pallas only where it runs)
+    if routed_pallas.available():
+      return "pallas"
+  return "sorted"
 
 
 def dense_weights(experts: Array, weights: Array, num_experts: int) -> Array:
