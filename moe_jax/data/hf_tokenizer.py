@@ -72,8 +72,8 @@ class TokenizerVocabulary(seqio.Vocabulary):
   def __eq__(self, other: object) -> bool:
     return isinstance(other, TokenizerVocabulary) and other._record() == self._record()
 
-  def __hash__(self) -> int:
-    return hash((self._path, self._eos_id))
+  def __hash__(self) -> int:  # equal vocabularies (same file content and EOS) hash alike, wherever the file is
+    return hash(tuple(sorted(self._record().items())))
 
   def __repr__(self) -> str:
     return f"TokenizerVocabulary({self._path!r}, eos_id={self._eos_id})"

@@ -90,12 +90,6 @@ def set_score(hits: np.ndarray, subjects: Sequence[str] | None) -> SetScore:
   return SetScore(float(np.mean([acc for _, acc in per.values()])), pooled, per)
 
 
-def accuracy(model: CausalLM, params: Any, codec: Codec, rows: list[dict[str, Any]], batch_size: int = 32) -> float:
-  """Percent of `rows` whose likeliest letter is the gold one; the mean of per-subject percents where rows carry
-  `subject` (MMLU)."""
-  return set_score(correct(model, params, codec, rows, batch_size), subjects_of(rows)).accuracy
-
-
 def eval_set_files(eval_sets: Sequence[str], data_root: str | None) -> dict[str, str]:
   """{name: prepared file} of benchmark names (`mmlu`, or `mmlu:validation` for another split) under the data root
   (`data_root`, else the DATA_DIR macro / $MOE_JAX_DATA_DIR); a missing file is one line naming the command that

@@ -10,11 +10,11 @@ start token 0 (what `feature_converter(decoder_only=True)` feeds it): `prefix` c
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 
 from moe_jax import fs
 from moe_jax.data import vocab
+from moe_jax.errors import MissingFileError
 from moe_jax.models.interface import START_ID
 
 BYTE_OFFSET = 3  # seqio.ByteVocabulary: 0 pad, 1 EOS, 2 UNK, then the 256 bytes
@@ -41,13 +41,14 @@ def byte_codec() -> Codec:
 
 
 def hf_codec(directory: str) -> Codec:
-  """The tokenizer of a HF causal LM directory; the ids its `encode` adds (e.g. Llama's BOS) are kept."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizers.Tokenizer.from_file(fs.join(directory, "tokenizer.json"))
-  eos = json.loads(fs.read_text(fs.join(directory, "config.json"))).get("eos_token_id")
-  eos = eos[0] if isinstance(eos, list) else eos
+  """The tokenizer of a HF causal LM directory (`vocab.hf_tokenizer_vocabulary`: its tokenizer.json and EOS); the
+  ids its `encode` adds (e.g. Llama's BOS) are kept, as the model was trained with them."""
+  spec = vocab.hf_tokenizer_vocabulary(directory)
+  if spec is None:
+    raise MissingFileError(f"{directory} has no {vocab.HF_TOKENIZER}: a HF causal LM directory ships one")
+  tokenizer = vocab.load_tokenizer(spec.path)
   return Codec(lambda s: tokenizer.encode(s).ids, lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
-               (), int(eos if eos is not None else -1))
+               (), int(spec.eos_id))
 
 
 def codec_for(model_path: str | None, spec: vocab.VocabSpec, decoder_only: bool = True) -> Codec:
