@@ -178,11 +178,12 @@ def _communicate(procs: list[subprocess.Popen], timeout: float) -> list[str]:
   return outputs
 
 
-def _spawn(args: list[str], devices: int) -> subprocess.Popen:
+def _spawn(args: list[str], devices: int, script: str = os.path.abspath(__file__)) -> subprocess.Popen:
+  """`python script *args` on `devices` virtual CPU devices, outside any distributed setting of this process."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
   env.pop("MOE_JAX_DISTRIBUTED", None)
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=REPO, env=env,
+  return subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,27 +39,15 @@ def _enhance(directory: str, output: str, process_id: int | None, port: int | No
   print(f"process {jax.process_index()} done")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _spawn(args: list[str]) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={LOCAL_DEVICES}")
-  env.pop("MOE_JAX_DISTRIBUTED", None)
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_two_processes_enhance_like_one(tmp_path):
   from moe_jax.teacher import formats
   (tmp_path / "prepared.jsonl").write_text(formats.to_jsonl(formats.prepare_rows(
       [{"sentence": claim, "label": i % 2 == 0} for i, claim in enumerate(CLAIMS)], "creak")))
+  from test_multiprocess import _free_port, _spawn  # pylint: disable=g-import-not-at-top  (the shared launcher)
   port = _free_port()
-  procs = [_spawn(["worker", str(i), str(port), str(tmp_path)]) for i in range(PROCESSES)]
-  procs.append(_spawn(["single", str(tmp_path)]))
+  script = os.path.abspath(__file__)
+  procs = [_spawn(["worker", str(i), str(port), str(tmp_path)], LOCAL_DEVICES, script) for i in range(PROCESSES)]
+  procs.append(_spawn(["single", str(tmp_path)], LOCAL_DEVICES, script))
   outputs = []
   try:
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
