@@ -105,6 +105,18 @@ def test_grid_capacity_branches(largest):
   check_against_reference(x, a, b, experts.reshape(tokens, k), rng.uniform(0.1, 1.0, (tokens, k)), "grid")
 
 
+def test_auto_choice_on_cpu():
+  """`auto` on this CPU: dense for few experts or when the sorted layout is not much smaller than T*E; `grid` for a
+  routed layer's batch (512 tokens, top-2 of 166); `sorted` for a decoding step's 8 tokens, where even the smallest
+  grid (166 x 8 rows) would pad 9x more than `sorted` (144 rows)."""
+  assert jax.default_backend() == "cpu"
+  choice = lambda tokens, k, num_experts: routed._auto(tokens, k, num_experts, routed.sorted_block(tokens, k,
+                                                                                                   num_experts))
+  assert choice(512, 2, 8) == "dense" and choice(8, 2, 36) == "dense"
+  assert choice(512, 2, 166) == "grid" and choice(256, 1, 166) == "grid"
+  assert choice(8, 2, 166) == "sorted"
+
+
 @pytest.mark.parametrize("impl", routed.IMPLS)
 def test_leading_batch_dims(impl):
   rng, x, a, b = lora_inputs(3, (3, 11), 17)

@@ -5,31 +5,31 @@
 - `sorted`: sort the (token, slot) assignments by expert, lay each expert's group out in fixed-size blocks, run one
   batched matmul over blocks with the block's expert weights gathered, then gather each assignment's row back.
   Cost grows with T*k + E*block, not T*E. Pure XLA gathers and batched dots: differentiable, shardable, any backend.
-- `grid`: the same sort, with each expert's group laid out in its own row of an [E, capacity] grid, so the batched
-  matmuls read A and B as they are (no per-block weight copies: with ~3 tokens per expert those copies cost more
+- `grid`: the same sort, with each expert's group laid out in its own row of an [E, capacity] grid, so the shrink's
+  batched matmul reads A as it is (no per-block weight copies: with ~3-6 tokens per expert those copies cost more
   than the products). The capacity is picked at run time (`jax.lax.switch`) as the smallest of a few static sizes
-  that holds the largest group (`grid_capacities`); a larger group falls back to `sorted`, so no assignment
-  is ever dropped and the padding stays within a few times `sorted`'s.
+  that holds the largest group (`grid_capacities`); a larger group falls back to `sorted`'s blocks, so no assignment
+  is ever dropped. The expand is token-major (`_expand_rows`): each assignment's output row is a sum of r rows of B
+  read in place and a token's k rows are added by a scatter-add, so no [E, capacity, d_out] product is padded,
+  written and gathered back. Fastest on CPU, where those r rows per assignment come from cache.
 - `ragged`: the same sort, with `jax.lax.ragged_dot` on the grouped rows (the grouped-matmul primitive; fast on
   TPU, a slow path on GPU in jax 0.11 and on CPU).
 - `pallas`: the same sort into one-expert row tiles, then two Pallas kernels (Punica-style shrink and expand) that
   index A[e] and B[e] in place (`moe_jax.models.routed_pallas`); forward only. Compiled through Triton on GPU,
   through the Pallas interpreter elsewhere (for tests: slow).
 - `auto`: `dense` when E <= `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than
-  T*E rows, else `pallas` on a GPU (not yet timed on one: `benchmarks/routed_lora.py --preset t5xl` compares it
-  with the others) and `sorted` elsewhere. `sorted`'s block follows the mean group (T*k/E, a power of two in
-  [8, 64]), so that small batches and decoding steps do not pay E*64 rows of padding. `grid` beat `sorted` on CPU
-  in the benchmark (1.3-2x on the routed part at E=166) but is not `auto`'s choice there yet: with it as `auto`
-  (and the Pallas modules imported by every process), two whole-suite runs crashed inside XLA:CPU's compiler
-  (abort, then segfault) while compiling a routed T5 pipeline that compiles fine alone. Until the cause is
-  isolated, `auto` keeps `sorted`, Pallas is imported only where it runs, and `grid` is asked for by name
-  (`ExpertConfig.impl = 'grid'`).
+  T*E rows; else `pallas` on a GPU (not yet timed on one: `benchmarks/routed_lora.py --preset t5xl` compares it
+  with the others), `grid` on a CPU (`sorted` when even its smallest grid would pad past `GRID_MAX_PADDING` times
+  `sorted`'s rows: a decoding step's few tokens), `sorted` elsewhere. `sorted`'s block follows the mean group
+  (T*k/E, a power of two in [8, 64]), so that small batches and decoding steps do not pay E*64 rows of padding.
 
 All formulations accumulate in float32 and keep the rank-r intermediate in float32 (low-precision intermediates are
 a known bug class in routed LoRA code). `moe_jax.models.reference` holds the float64 oracle they are tested against.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ IMPLS = ("auto", "dense", "sorted", "grid", "ragged", "pallas")
 DENSE_MAX_EXPERTS = 8
 MIN_BLOCK, MAX_BLOCK = 8, 64
 GRID_CAPACITIES = 5  # static capacities tried by `grid` before it falls back to `sorted`
+GRID_MAX_PADDING = 4  # most rows a `grid` may have, in units of `sorted`'s rows for the same assignments
 
 
 def sorted_block(tokens: int, k: int, num_experts: int) -> int:
@@ -52,7 +53,8 @@ def sorted_block(tokens: int, k: int, num_experts: int) -> int:
 
 
 def sorted_rows(tokens: int, k: int, num_experts: int, block: int) -> int:
-  """Rows of the padded sorted layout (a static bound; see `_sorted`)."""
+  """Rows of the padded sorted layout, a static bound: a group of c assignments fills ceil(c / block) blocks, and the
+  sum of those is at most n // block + (number of non-empty groups)."""
   n = tokens * k
   return (n // block + min(num_experts, n)) * block
 
@@ -60,9 +62,10 @@ def sorted_rows(tokens: int, k: int, num_experts: int, block: int) -> int:
 def grid_capacities(tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
   """Capacities `grid` may pick: the mean group size as a power of two c >= 8, then c*3/2, 2c, 3c, 4c, ... (steps of
   1.5x, not 2x: every padded row costs a row of both products) up to `GRID_CAPACITIES` of them, stopping once one
-  holds all T*k assignments or the grid would exceed 4x `sorted`'s rows (`sorted` pads less past that)."""
+  holds all T*k assignments or the grid would exceed `GRID_MAX_PADDING` x `sorted`'s rows (`sorted` pads less
+  past that)."""
   n = tokens * k
-  limit = 4 * sorted_rows(tokens, k, num_experts, sorted_block(tokens, k, num_experts))
+  limit = GRID_MAX_PADDING * sorted_rows(tokens, k, num_experts, sorted_block(tokens, k, num_experts))
   caps = [max(MIN_BLOCK, 1 << (max(1, -(-n // num_experts)) - 1).bit_length())]
   while len(caps) < GRID_CAPACITIES and caps[-1] < n:
     cap = caps[-1] * 3 // 2 if len(caps) % 2 else caps[-2] * 2
@@ -106,16 +109,19 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
 
 
 def _auto(tokens: int, k: int, num_experts: int, block: int) -> str:
-  """Dense computes T*E expert rows with plain matmuls; sorted computes its padded rows with gathers around them.
-  On a GPU the Pallas kernels replace sorted. `grid` is faster than sorted on CPU in the benchmark but is not
-  chosen: see the module docstring."""
-  small = num_experts <= DENSE_MAX_EXPERTS or 4 * sorted_rows(tokens, k, num_experts, block) > tokens * num_experts
-  if small:
+  """Dense computes T*E expert rows with plain matmuls; the others compute padded rows with gathers around them.
+  On a GPU the Pallas kernels; on a CPU `grid` unless its smallest grid pads past `GRID_MAX_PADDING` x `sorted`'s
+  rows (few tokens: a decoding step), where `sorted` reads only the experts in use."""
+  rows = sorted_rows(tokens, k, num_experts, block)
+  if num_experts <= DENSE_MAX_EXPERTS or 4 * rows > tokens * num_experts:
     return "dense"
-  if jax.default_backend() == "gpu":
+  backend = jax.default_backend()
+  if backend == "gpu":
     from moe_jax.models import routed_pallas  # pylint: disable=g-import-not-at-top  (Pallas only where it runs)
     if routed_pallas.available():
       return "pallas"
+  if backend == "cpu" and num_experts * grid_capacities(tokens, k, num_experts)[0] <= GRID_MAX_PADDING * rows:
+    return "grid"
   return "sorted"
 
 
@@ -139,66 +145,99 @@ def _sort_assignments(experts: Array, num_experts: int):
   return flat, order, counts, starts
 
 
-def _sorted(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
-  tokens, k = experts.shape
-  num_experts = a.shape[0]
-  n = tokens * k
-  flat, order, counts, starts = _sort_assignments(experts, num_experts)
+def _sorted_layout(flat: Array, order: Array, counts: Array, starts: Array, num_experts: int, block: int):
+  """Blocks of `block` rows, each holding one expert's assignments in sorted order, in a static number of blocks.
+
+  Returns each block's expert, each row's assignment (index into `flat`; 0 on empty rows), each row's validity, and
+  each assignment's row."""
+  n = flat.shape[0]
   blocks_per_expert = (counts + block - 1) // block
   block_end = jnp.cumsum(blocks_per_expert)
   first_block = block_end - blocks_per_expert
-  # Sum over groups of ceil(c/block) <= n // block + (number of non-empty groups): a static bound.
-  num_blocks = sorted_rows(tokens, k, num_experts, block) // block
+  num_blocks = sorted_rows(n, 1, num_experts, block) // block
   block_expert = jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right")
   block_valid = block_expert < num_experts
   block_expert = jnp.minimum(block_expert, num_experts - 1)
+  row_expert = jnp.repeat(block_expert, block)
+  rank = jnp.arange(num_blocks * block) - first_block[row_expert] * block
+  row_valid = jnp.repeat(block_valid, block) & (rank < counts[row_expert])
+  assignment = order[jnp.where(row_valid, starts[row_expert] + rank, 0)]
+  row = first_block[flat] * block + _group_ranks(order, starts, flat)
+  return block_expert, assignment, row_valid, row
 
-  slot_expert = jnp.repeat(block_expert, block)
-  rank = jnp.arange(num_blocks * block) - first_block[slot_expert] * block
-  slot_valid = jnp.repeat(block_valid, block) & (rank < counts[slot_expert])
-  assignment = order[jnp.where(slot_valid, starts[slot_expert] + rank, 0)]
-  slot_weight = jnp.where(slot_valid, weights.reshape(-1)[assignment], 0.0).astype(jnp.float32)
 
+def _group_ranks(order: Array, starts: Array, flat: Array) -> Array:
+  """Position of each assignment inside its expert's group (stable: in token order)."""
+  n = flat.shape[0]
+  sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  return sorted_pos - starts[flat]
+
+
+def _sorted(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
+  tokens, k = experts.shape
+  num_experts = a.shape[0]
+  flat, order, counts, starts = _sort_assignments(experts, num_experts)
+  block_expert, assignment, row_valid, row = _sorted_layout(flat, order, counts, starts, num_experts, block)
+  num_blocks = block_expert.shape[0]
+  row_weight = jnp.where(row_valid, weights.reshape(-1)[assignment], 0.0).astype(jnp.float32)
   xs = x[assignment // k].reshape(num_blocks, block, -1)
   h = jnp.einsum("nbd,ndr->nbr", xs, a[block_expert].astype(x.dtype), preferred_element_type=jnp.float32)
-  h = h * slot_weight.reshape(num_blocks, block, 1)
+  h = h * row_weight.reshape(num_blocks, block, 1)
   ys = jnp.einsum("nbr,nro->nbo", h, b[block_expert].astype(jnp.float32), preferred_element_type=jnp.float32)
-
-  # Slot of each assignment: its expert's first block, plus its rank inside the expert's group.
-  sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  slot = first_block[flat] * block + sorted_pos - starts[flat]
-  return _sum_slots(ys.reshape(num_blocks * block, -1), slot.reshape(tokens, k))
+  return _sum_slots(ys.reshape(num_blocks * block, -1), row.reshape(tokens, k))
 
 
 def _grid(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
-  """`grid`: the smallest capacity that holds the largest group, else `sorted` (with `block`)."""
+  """`grid`: h = x A[e] of every assignment from the grid of the smallest capacity that holds the largest group
+  (else from `sorted`'s blocks of `block` rows), then `_expand_rows`."""
   tokens, k = experts.shape
   num_experts = a.shape[0]
   caps = grid_capacities(tokens, k, num_experts)
   flat, order, counts, starts = _sort_assignments(experts, num_experts)
+  grouped = (flat, order, counts, starts)
   branch = jnp.sum(jnp.max(counts) > jnp.asarray(caps))
-  grouped = (flat, order, starts)
-  branches = [lambda *args, cap=cap: _grid_fixed(*args, grouped, cap) for cap in caps]
-  branches.append(lambda *args: _sorted(*args, block))
-  return jax.lax.switch(branch, branches, x, a, b, experts, weights)
+  branches = [functools.partial(_grid_shrink, cap=cap, k=k) for cap in caps]
+  branches.append(functools.partial(_sorted_shrink, block=block, k=k))
+  h = jax.lax.switch(branch, branches, x, a, grouped)
+  return _expand_rows(h * weights.reshape(-1, 1).astype(jnp.float32), b, flat, k)
 
 
-def _grid_fixed(x: Array, a: Array, b: Array, experts: Array, weights: Array, grouped, cap: int) -> Array:
-  """Row e*cap + i of the grid holds expert e's i-th assignment (empty rows: token 0, weight 0)."""
-  tokens, k = experts.shape
+def _grid_shrink(x: Array, a: Array, grouped, cap: int, k: int) -> Array:
+  """[n, r] x[token] @ A[e] per assignment, computed on a grid whose row e*cap + i holds expert e's i-th
+  assignment (empty rows: token 0), so the batched matmul reads A as it is."""
+  flat, order, _, starts = grouped
+  n = flat.shape[0]
   num_experts = a.shape[0]
-  n = tokens * k
-  flat, order, starts = grouped
-  sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  slot = flat * cap + sorted_pos - starts[flat]
-  assignment = jnp.full((num_experts * cap,), n, jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32))
-  valid = assignment < n
-  slot_weight = jnp.where(valid, weights.reshape(-1).astype(jnp.float32)[jnp.minimum(assignment, n - 1)], 0.0)
-  xs = x[jnp.where(valid, assignment // k, 0)].reshape(num_experts, cap, -1)
+  row = flat * cap + _group_ranks(order, starts, flat)
+  assignment = jnp.full((num_experts * cap,), n, jnp.int32).at[row].set(jnp.arange(n, dtype=jnp.int32))
+  xs = x[jnp.where(assignment < n, assignment // k, 0)].reshape(num_experts, cap, -1)
   h = jnp.einsum("ecd,edr->ecr", xs, a.astype(x.dtype), preferred_element_type=jnp.float32)
-  h = h * slot_weight.reshape(num_experts, cap, 1)
-  ys = jnp.einsum("ecr,ero->eco", h, b.astype(jnp.float32), preferred_element_type=jnp.float32)
-  return _sum_slots(ys.reshape(num_experts * cap, -1), slot.reshape(tokens, k))
+  return h.reshape(num_experts * cap, -1)[row]
+
+
+def _sorted_shrink(x: Array, a: Array, grouped, block: int, k: int) -> Array:
+  """[n, r] x[token] @ A[e] per assignment from `sorted`'s blocks (each with its expert's A gathered)."""
+  flat, order, counts, starts = grouped
+  num_experts = a.shape[0]
+  block_expert, assignment, _, row = _sorted_layout(flat, order, counts, starts, num_experts, block)
+  xs = x[assignment // k].reshape(block_expert.shape[0], block, -1)
+  h = jnp.einsum("nbd,ndr->nbr", xs, a[block_expert].astype(x.dtype), preferred_element_type=jnp.float32)
+  return h.reshape(-1, h.shape[-1])[row]
+
+
+def _expand_rows(h: Array, b: Array, flat: Array, k: int) -> Array:
+  """out[t] = sum over t's k assignments of h[n] @ B[e[n]], token-major: each assignment's row is a sum of r rows of
+  B (gathered in place, one loop fusion: no [E, capacity, d_out] products, no per-expert padding), and the k rows of a
+  token are added by a scatter-add. The scatter also makes XLA:CPU compute the rows in row-major order: fused
+  straight into a consumer that transposes (attention's q/k/v), the gathers of B ran column-wise, 2x slower."""
+  num_experts, rank, d_out = b.shape
+  n = flat.shape[0]
+  rows_of_b = b.reshape(num_experts * rank, d_out).astype(jnp.float32)
+  rows = h[:, 0, None] * rows_of_b[flat * rank]
+  for i in range(1, rank):
+    rows = rows + h[:, i, None] * rows_of_b[flat * rank + i]
+  token = jnp.arange(n, dtype=jnp.int32) // k
+  return jnp.zeros((n // k, d_out), jnp.float32).at[token].add(rows, indices_are_sorted=True)
 
 
 def _sum_slots(rows: Array, slot: Array) -> Array:
