@@ -136,7 +136,7 @@ def _dense(x: Array, a: Array, b: Array, w: Array) -> Array:
   return jnp.einsum("ter,ero->to", h, b.astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
-def _sort_assignments(experts: Array, num_experts: int):
+def sort_assignments(experts: Array, num_experts: int):
   """Order of the flattened assignments by expert (stable), group sizes and group starts."""
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
@@ -145,8 +145,9 @@ def _sort_assignments(experts: Array, num_experts: int):
   return flat, order, counts, starts
 
 
-def _sorted_layout(flat: Array, order: Array, counts: Array, starts: Array, num_experts: int, block: int):
-  """Blocks of `block` rows, each holding one expert's assignments in sorted order, in a static number of blocks.
+def sorted_layout(flat: Array, order: Array, counts: Array, starts: Array, num_experts: int, block: int):
+  """Blocks of `block` rows, each holding one expert's assignments in sorted order, in a static number of blocks
+  (`sorted_rows`; shared with the Pallas kernels' tiles).
 
   Returns each block's expert, each row's assignment (index into `flat`; 0 on empty rows), each row's validity, and
   each assignment's row."""
@@ -176,15 +177,18 @@ def _group_ranks(order: Array, starts: Array, flat: Array) -> Array:
 def _sorted(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
   tokens, k = experts.shape
   num_experts = a.shape[0]
-  flat, order, counts, starts = _sort_assignments(experts, num_experts)
-  block_expert, assignment, row_valid, row = _sorted_layout(flat, order, counts, starts, num_experts, block)
-  num_blocks = block_expert.shape[0]
+  flat, order, counts, starts = sort_assignments(experts, num_experts)
+  block_expert, assignment, row_valid, row = sorted_layout(flat, order, counts, starts, num_experts, block)
   row_weight = jnp.where(row_valid, weights.reshape(-1)[assignment], 0.0).astype(jnp.float32)
-  xs = x[assignment // k].reshape(num_blocks, block, -1)
-  h = jnp.einsum("nbd,ndr->nbr", xs, a[block_expert].astype(x.dtype), preferred_element_type=jnp.float32)
-  h = h * row_weight.reshape(num_blocks, block, 1)
+  h = _block_shrink(x, a, block_expert, assignment, k) * row_weight.reshape(block_expert.shape[0], block, 1)
   ys = jnp.einsum("nbr,nro->nbo", h, b[block_expert].astype(jnp.float32), preferred_element_type=jnp.float32)
-  return _sum_slots(ys.reshape(num_blocks * block, -1), row.reshape(tokens, k))
+  return _sum_slots(ys.reshape(row_weight.shape[0], -1), row.reshape(tokens, k))
+
+
+def _block_shrink(x: Array, a: Array, block_expert: Array, assignment: Array, k: int) -> Array:
+  """[blocks, block, r]: each block's token rows of x times its expert's A, gathered per block."""
+  xs = x[assignment // k].reshape(block_expert.shape[0], -1, x.shape[-1])
+  return jnp.einsum("nbd,ndr->nbr", xs, a[block_expert].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _grid(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
@@ -193,7 +197,7 @@ def _grid(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: i
   tokens, k = experts.shape
   num_experts = a.shape[0]
   caps = grid_capacities(tokens, k, num_experts)
-  flat, order, counts, starts = _sort_assignments(experts, num_experts)
+  flat, order, counts, starts = sort_assignments(experts, num_experts)
   grouped = (flat, order, counts, starts)
   branch = jnp.sum(jnp.max(counts) > jnp.asarray(caps))
   branches = [functools.partial(_grid_shrink, cap=cap, k=k) for cap in caps]
@@ -218,10 +222,8 @@ def _grid_shrink(x: Array, a: Array, grouped, cap: int, k: int) -> Array:
 def _sorted_shrink(x: Array, a: Array, grouped, block: int, k: int) -> Array:
   """[n, r] x[token] @ A[e] per assignment from `sorted`'s blocks (each with its expert's A gathered)."""
   flat, order, counts, starts = grouped
-  num_experts = a.shape[0]
-  block_expert, assignment, _, row = _sorted_layout(flat, order, counts, starts, num_experts, block)
-  xs = x[assignment // k].reshape(block_expert.shape[0], block, -1)
-  h = jnp.einsum("nbd,ndr->nbr", xs, a[block_expert].astype(x.dtype), preferred_element_type=jnp.float32)
+  block_expert, assignment, _, row = sorted_layout(flat, order, counts, starts, a.shape[0], block)
+  h = _block_shrink(x, a, block_expert, assignment, k)
   return h.reshape(-1, h.shape[-1])[row]
 
 
@@ -252,7 +254,7 @@ def _sum_slots(rows: Array, slot: Array) -> Array:
 def _ragged(x: Array, a: Array, b: Array, experts: Array, weights: Array) -> Array:
   tokens, k = experts.shape
   num_experts = a.shape[0]
-  flat, order, counts, _ = _sort_assignments(experts, num_experts)
+  flat, order, counts, _ = sort_assignments(experts, num_experts)
   xs = x[order // k]
   h = jax.lax.ragged_dot(xs, a.astype(x.dtype), counts, preferred_element_type=jnp.float32)
   h = h * weights.reshape(-1)[order][:, None].astype(jnp.float32)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from moe_jax.errors import ConfigError
+from moe_jax.models import routed
 
 try:
   from jax.experimental.pallas import triton as pltriton
@@ -42,12 +43,6 @@ MIN_BLOCK = 16  # Triton's dot needs every operand dimension >= 16.
 def available() -> bool:
   """Whether the compiled kernels can run here: a GPU backend and the Pallas Triton lowering."""
   return pltriton is not None and jax.default_backend() == "gpu"
-
-
-def tile_rows(tokens: int, k: int, num_experts: int, block_tokens: int) -> int:
-  """Rows of the tiled layout, a static bound: sum_e ceil(c_e / tile) <= T*k // tile + (non-empty groups)."""
-  n = tokens * k
-  return (n // block_tokens + min(num_experts, n)) * block_tokens
 
 
 def _power_of_two(size: int) -> int:
@@ -69,32 +64,16 @@ def _pad_to(x: Array, axis: int, size: int) -> Array:
 
 
 def _tile_layout(experts: Array, weights: Array, num_experts: int, block_tokens: int):
-  """Sorted tiles of the flattened assignments.
-
-  Returns the expert of each tile (-1 past the last group), the token and routing weight of each row (token 0 and
-  weight 0 for padding rows), and the row holding each assignment."""
-  tokens, k = experts.shape
-  num_tiles = tile_rows(tokens, k, num_experts, block_tokens) // block_tokens
-  flat = experts.reshape(-1).astype(jnp.int32)
-  order = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts)
-  starts = jnp.cumsum(counts) - counts
-  tiles = (counts + block_tokens - 1) // block_tokens
-  tile_end = jnp.cumsum(tiles)
-  first_tile = tile_end - tiles
-
-  tile_expert = jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right").astype(jnp.int32)
-  tile_valid = tile_expert < num_experts
-  tile_expert = jnp.where(tile_valid, tile_expert, -1)
-  row_expert = jnp.repeat(jnp.where(tile_valid, tile_expert, 0), block_tokens)
-  rank = jnp.arange(num_tiles * block_tokens) - first_tile[row_expert] * block_tokens
-  row_valid = jnp.repeat(tile_valid, block_tokens) & (rank < counts[row_expert])
-  assignment = order[jnp.where(row_valid, starts[row_expert] + rank, 0)]
-  row_token = jnp.where(row_valid, assignment // k, 0).astype(jnp.int32)
+  """`routed.sorted_layout`'s blocks as tiles: the expert of each tile (-1 past the last group), the token and
+  routing weight of each row (weight 0 on padding rows), and the row holding each assignment."""
+  k = experts.shape[1]
+  flat, order, counts, starts = routed.sort_assignments(experts.astype(jnp.int32), num_experts)
+  tile_expert, assignment, row_valid, assignment_row = routed.sorted_layout(flat, order, counts, starts, num_experts,
+                                                                            block_tokens)
+  tile_valid = row_valid.reshape(-1, block_tokens)[:, 0]  # a tile in use has its first row filled
+  tile_expert = jnp.where(tile_valid, tile_expert, -1).astype(jnp.int32)
+  row_token = (assignment // k).astype(jnp.int32)
   row_weight = jnp.where(row_valid, weights.reshape(-1)[assignment].astype(jnp.float32), 0.0)
-
-  sorted_pos = jnp.zeros((tokens * k,), jnp.int32).at[order].set(jnp.arange(tokens * k, dtype=jnp.int32))
-  assignment_row = first_tile[flat] * block_tokens + sorted_pos - starts[flat]
   return tile_expert, row_token, row_weight, assignment_row
 
 
