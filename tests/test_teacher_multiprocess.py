@@ -16,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 2
 # 7 rows in chunks of 3: chunks 0 and 2 are process 0's, chunk 1 process 1's.
 SETTINGS = dict(batch_size=2, chunk_size=3, max_prompt_length=176, max_new_tokens=12, temperature=1.0, seed=7)
-CLAIMS = ["Cats purr.", "The sun is cold.", "Water is wet.", "Fish can fly.", "Ice melts.", "Rocks sing.", "Birds nest."]
+CLAIMS = ["Cats purr.", "The sun is cold.", "Water is wet.", "Fish can fly.", "Ice melts.", "Rocks sing.",
+          "Birds nest."]
 
 
 def _enhance(directory: str, output: str, process_id: int | None, port: int | None) -> None:

@@ -124,9 +124,10 @@ def run_demo(workdir: str, teacher_passes: int = 25, student_epochs: int = 3, st
            "|---|" + "---|" * len(results["cot_tail"])]
   for name, by_epoch in results.items():
     lines.append(f"| {name} | " + " | ".join(f"{s['eval']:.1f} / {s['train']:.1f}" for s in by_epoch.values()) + " |")
-  fs.write_text(fs.join(workdir, "comparison.md"), f"The teacher's rationale is word for word the gold one for {right} of "
-                f"{len(train_set)} training rows.\n\nOption-letter accuracy (%); on eval, chance and the best a student "
-                "without the colours can do: 50\n\n" + "\n".join(lines) + "\n")
+  fs.write_text(fs.join(workdir, "comparison.md"),
+                f"The teacher's rationale is word for word the gold one for {right} of {len(train_set)} training rows."
+                "\n\nOption-letter accuracy (%); on eval, chance and the best a student without the colours can do: "
+                "50\n\n" + "\n".join(lines) + "\n")
   return results
 
 

@@ -115,10 +115,10 @@ def enhance(input_file: str = gin.REQUIRED, output_file: str = gin.REQUIRED, tea
   """Write `output_file` (JSON lines): the rows of `input_file` with the teacher's continuation of `field`.
 
   `teacher`: a HF causal LM or T5 directory, a multitask run dir of this package (bind `model_config`: a
-  `CausalLMConfig` or a `T5Config`), or None for a random model of `teacher_seed` (tests). The seed samples (do_sample) with temperature 1 and 2048 new tokens;
-  `temperature=0` is greedy. `batch_size` rows are generated at once and `chunk_size` rows make one resumable
-  part; neither changes a row's output (see the module docstring), but a resumed run must keep `chunk_size`,
-  which numbers the parts.
+  `CausalLMConfig` or a `T5Config`), or None for a random model of `teacher_seed` (tests). The seed samples
+  (do_sample) with temperature 1 and 2048 new tokens; `temperature=0` is greedy. `batch_size` rows are generated
+  at once and `chunk_size` rows make one resumable part; neither changes a row's output (see the module
+  docstring), but a resumed run must keep `chunk_size`, which numbers the parts.
   """
   if batch_size <= 0 or chunk_size <= 0 or max_prompt_length <= 0 or max_new_tokens <= 0:
     raise ConfigError(f"enhance: batch_size={batch_size}, chunk_size={chunk_size}, max_prompt_length="

@@ -20,11 +20,9 @@ from moe_jax.teacher.text import Codec, codec_for
 from moe_jax.training import partitioning as part
 from moe_jax.training.backbone import BACKBONE_DIR, restore_backbone
 
-HF_CONFIG = "config.json"
-
 
 def _is_hf_t5(model_path: str) -> bool:
-  return json.loads(fs.read_text(fs.join(model_path, HF_CONFIG))).get("model_type") in ("t5", "mt5")
+  return json.loads(fs.read_text(fs.join(model_path, vocab.HF_CONFIG))).get("model_type") in ("t5", "mt5")
 
 
 def model_config_for(model_path: str | None, model_config: Any) -> Any:
@@ -32,7 +30,7 @@ def model_config_for(model_path: str | None, model_config: Any) -> Any:
   needs the binding."""
   if model_config is not None:
     return model_config
-  if model_path and fs.isfile(fs.join(model_path, HF_CONFIG)):
+  if model_path and fs.isfile(fs.join(model_path, vocab.HF_CONFIG)):
     if _is_hf_t5(model_path):
       from moe_jax.checkpoints.hf import config_from_hf  # pylint: disable=g-import-not-at-top
       return config_from_hf(model_path)
@@ -66,7 +64,7 @@ def load_lm(model_path: str | None, config: Any, seed: int = 0, mesh: Any = None
     spec = vocab.binding()
   elif not fs.exists(model_path):
     raise MissingFileError(f"model {model_path!r} does not exist (a HF causal LM or T5 directory or a run dir)")
-  elif fs.isfile(fs.join(model_path, HF_CONFIG)):
+  elif fs.isfile(fs.join(model_path, vocab.HF_CONFIG)):
     if is_decoder_only(config):
       from moe_jax.checkpoints.hf_causal import load_hf_causal_lm  # pylint: disable=g-import-not-at-top
       params = jax.device_put(load_hf_causal_lm(model_path, config)[1], shardings)

@@ -185,7 +185,6 @@ def train_student(data_file: str = gin.REQUIRED, model_dir: str = gin.REQUIRED, 
       product = fold_lora(product, epoch_product(model_dir, epoch), config, lora, backbone)
     products.append(product)
   fs.write_text(fs.join(model_dir, "epochs.json"), json.dumps(
-      {"data_file": data_file, "field": field, "loss_on": loss_on, "rows": len(pairs), "passes_per_epoch": passes_per_epoch,
-       "steps_per_epoch": steps,
-       "products": products}, indent=1) + "\n")
+      {"data_file": data_file, "field": field, "loss_on": loss_on, "rows": len(pairs),
+       "passes_per_epoch": passes_per_epoch, "steps_per_epoch": steps, "products": products}, indent=1) + "\n")
   return products
