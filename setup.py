@@ -14,6 +14,8 @@ setup(
     version="0.1.0",
     description="PHATGOOSE and friends: routing among LoRA experts on a frozen T5X-style encoder-decoder, in JAX",
     packages=find_packages(include=["moe_jax", "moe_jax.*", "tasks", "tasks.*"]),
+    # The routed LoRA CPU kernel's source, compiled on first use (moe_jax/models/routed_cpu.py).
+    package_data={"moe_jax.models": ["csrc/*.cc"]},
     python_requires=">=3.11",
     # The core (models, routing, checkpoints) needs no TensorFlow; the seqio data layer lives in the `data` extra.
     install_requires=[

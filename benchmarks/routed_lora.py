@@ -48,7 +48,7 @@ from moe_jax.models.routers import Phatgoose
 from moe_jax.models.t5 import EncoderLayer, Transformer
 
 
-CPU_IMPLS = ["dense", "sorted", "grid", "ragged", "auto"]
+CPU_IMPLS = ["dense", "sorted", "grid", "ffi", "ragged", "auto"]
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for a 2-core CPU (1+1 layers, one 256-token example); float32, as bf16 matmuls are slow on CPUs.
     "cpu": dict(d_model=256, num_heads=4, d_kv=64, d_ff=640, layers=1, vocab_size=8192, batch=1, length=256,
@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one layer: where the router and LoRA FLOPs are as small a share of the layer as T5-XL's allow (floor ~1.1x).
     # `dense` and `ragged` (100x slower than the others on CPU) are left out to keep it to a minute or two.
     "cpu_xl": dict(d_model=1024, num_heads=16, d_kv=64, d_ff=2560, layers=1, vocab_size=8192, batch=1, length=512,
-                   dtype="float32", rank=16, experts=[166], k=[2], repeats=5, impls=["sorted", "grid", "auto"],
+                   dtype="float32", rank=16, experts=[166], k=[2], repeats=5, impls=["sorted", "grid", "ffi", "auto"],
                    benches=["layer"]),
     "t5xl": dict(d_model=2048, num_heads=32, d_kv=64, d_ff=5120, layers=24, vocab_size=32128, batch=32, length=512,
                  dtype="bfloat16", rank=16, experts=[8, 36, 166], k=[1, 2], repeats=10,

@@ -1,0 +1,223 @@
+// Routed LoRA forward on CPU as an XLA FFI handler: out[t] = sum_s w[t,s] * (x[t] @ A[e[t,s]]) @ B[e[t,s]].
+//
+// Why a kernel: XLA:CPU runs the shrink of `grid` / `sorted` (a batched [E, rows, d_in] x [E, d_in, r] matmul) on
+// one thread and reads A at a fraction of the memory bandwidth. Here each expert's A and B stream once per group of
+// its assignments, on every thread of XLA's intra-op pool, with no padded rows and no gathered copies of x or of the
+// weights. Float32 throughout, the rank-r intermediate included.
+//
+// Layout: x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts [T, k] int32, weights [T, k] -> out [T, d_out].
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Eight floats as one vector (GCC/Clang vector extensions: AVX or NEON code without intrinsics); VecU loads and
+// stores at any float alignment.
+typedef float Vec __attribute__((vector_size(32)));
+typedef float VecU __attribute__((vector_size(32), aligned(4)));
+constexpr int kLanes = 8;
+constexpr int64_t kTile = 4;  // assignments sharing one pass over A[e]
+constexpr int64_t kColVecs = 8;  // the expand's column tile, in vectors: its accumulators stay in registers
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<VecU*>(p) = v; }
+
+// Runs body(i) for i in [0, n) on the calling thread and on the pool's threads, claiming indices from one counter.
+// The counter lives on the heap: a pool task that starts only after every index is done (and this call has
+// returned) finds none left and touches nothing else; a task that claimed an index runs it before this call returns.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &body]() {
+    int64_t finished = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      ++finished;
+    }
+    if (finished > 0 && state->done.fetch_add(finished) + finished == n) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// Stable counting sort of [0, n) by key(i) in [0, keys): `order` lists the items, key g's run starts at start[g].
+template <typename Key>
+void CountingSort(int64_t n, int64_t keys, const Key& key, std::vector<int64_t>& order, std::vector<int64_t>& start) {
+  start.assign(keys + 1, 0);
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) ++start[key(i) + 1];
+  for (int64_t g = 0; g < keys; ++g) start[g + 1] += start[g];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < n; ++i) order[fill[key(i)]++] = i;
+}
+
+struct Problem {
+  const float* x;
+  const float* a;
+  const float* b;
+  const int32_t* experts;
+  const float* weights;
+  float* out;
+  int64_t tokens, d_in, num_experts, rank, d_out, k;
+};
+
+// h[i] = w[i] * x[token(i)] @ A[e] for the assignments `order[begin:end]` (all of expert e), kTile of them per pass
+// over A[e]. R: the rank as a constant (a multiple of kLanes), so the kTile x R accumulators stay in registers.
+template <int R>
+void ShrinkVec(const Problem& p, const int64_t* order, int64_t begin, int64_t end, const float* ae, float* h) {
+  constexpr int kVecs = R / kLanes;
+  for (int64_t g = begin; g < end; g += kTile) {
+    const int64_t m = std::min<int64_t>(kTile, end - g);
+    const float* rows[kTile];
+    for (int64_t j = 0; j < kTile; ++j) rows[j] = p.x + (order[g + std::min(j, m - 1)] / p.k) * p.d_in;
+    Vec acc[kTile][kVecs] = {};
+    for (int64_t d = 0; d < p.d_in; ++d) {
+      Vec arow[kVecs];
+      for (int v = 0; v < kVecs; ++v) arow[v] = Load(ae + d * R + v * kLanes);
+      for (int64_t j = 0; j < kTile; ++j) {
+        const float xv = rows[j][d];
+        for (int v = 0; v < kVecs; ++v) acc[j][v] += xv * arow[v];
+      }
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t assignment = order[g + j];
+      for (int v = 0; v < kVecs; ++v) Store(h + assignment * R + v * kLanes, p.weights[assignment] * acc[j][v]);
+    }
+  }
+}
+
+// The same for any rank, one assignment at a time (ranks that are not a multiple of kLanes: small test shapes).
+void ShrinkAny(const Problem& p, const int64_t* order, int64_t begin, int64_t end, const float* ae, float* h) {
+  std::vector<float> acc(p.rank);
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t assignment = order[g];
+    const float* row = p.x + (assignment / p.k) * p.d_in;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t d = 0; d < p.d_in; ++d) {
+      for (int64_t i = 0; i < p.rank; ++i) acc[i] += row[d] * ae[d * p.rank + i];
+    }
+    for (int64_t i = 0; i < p.rank; ++i) h[assignment * p.rank + i] = p.weights[assignment] * acc[i];
+  }
+}
+
+// out[token(i)] (+)= h[i] @ B[e] for the assignments `order[begin:end]` (all of expert e and of one slot, so no two
+// share a token), kColVecs vectors of columns at a time so that those columns of B[e] stay in L1 across the group.
+void Expand(const Problem& p, const int64_t* order, int64_t begin, int64_t end, const float* be, const float* h,
+            bool accumulate) {
+  constexpr int64_t kCols = kColVecs * kLanes;
+  const int64_t full = p.d_out / kCols * kCols;
+  for (int64_t c0 = 0; c0 < full; c0 += kCols) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t assignment = order[g];
+      const float* hrow = h + assignment * p.rank;
+      float* orow = p.out + (assignment / p.k) * p.d_out + c0;
+      Vec acc[kColVecs];
+      for (int v = 0; v < kColVecs; ++v) acc[v] = accumulate ? Load(orow + v * kLanes) : Vec{};
+      for (int64_t i = 0; i < p.rank; ++i) {
+        const float c = hrow[i];
+        const float* brow = be + i * p.d_out + c0;
+        for (int v = 0; v < kColVecs; ++v) acc[v] += c * Load(brow + v * kLanes);
+      }
+      for (int v = 0; v < kColVecs; ++v) Store(orow + v * kLanes, acc[v]);
+    }
+  }
+  for (int64_t g = begin; full < p.d_out && g < end; ++g) {  // the last d_out % kCols columns
+    const int64_t assignment = order[g];
+    float* orow = p.out + (assignment / p.k) * p.d_out;
+    for (int64_t o = full; o < p.d_out; ++o) {
+      float acc = accumulate ? orow[o] : 0.0f;
+      for (int64_t i = 0; i < p.rank; ++i) acc += h[assignment * p.rank + i] * be[i * p.d_out + o];
+      orow[o] = acc;
+    }
+  }
+}
+
+void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
+  // Two counting sorts of the assignments: by expert for the shrink (A[e] read once for all its tokens), by (slot,
+  // expert) for the expand (the groups of one slot touch distinct tokens, so no two threads write one output row).
+  const int64_t n = p.tokens * p.k, num_experts = p.num_experts, k = p.k;
+  const int32_t* ep = p.experts;
+  std::vector<int64_t> by_expert, expert_start, by_slot, slot_start;
+  CountingSort(n, num_experts, [&](int64_t i) { return int64_t{ep[i]}; }, by_expert, expert_start);
+  CountingSort(n, k * num_experts, [&](int64_t i) { return (i % k) * num_experts + ep[i]; }, by_slot, slot_start);
+
+  std::vector<float> h(n * p.rank);
+  ParallelFor(pool, num_experts, [&](int64_t e) {
+    const float* ae = p.a + e * p.d_in * p.rank;
+    const int64_t begin = expert_start[e], end = expert_start[e + 1];
+    switch (p.rank) {
+      case 8: return ShrinkVec<8>(p, by_expert.data(), begin, end, ae, h.data());
+      case 16: return ShrinkVec<16>(p, by_expert.data(), begin, end, ae, h.data());
+      case 32: return ShrinkVec<32>(p, by_expert.data(), begin, end, ae, h.data());
+      case 64: return ShrinkVec<64>(p, by_expert.data(), begin, end, ae, h.data());
+      default: return ShrinkAny(p, by_expert.data(), begin, end, ae, h.data());
+    }
+  });
+  for (int64_t s = 0; s < k; ++s) {
+    ParallelFor(pool, num_experts, [&](int64_t e) {
+      const int64_t g = s * num_experts + e;
+      Expand(p, by_slot.data(), slot_start[g], slot_start[g + 1], p.b + e * p.rank * p.d_out, h.data(), s > 0);
+    });
+  }
+}
+
+ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
+                          ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::F32> weights,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), ad = a.dimensions(), bd = b.dimensions(), ed = experts.dimensions();
+  const auto wd = weights.dimensions();
+  if (xd.size() != 2 || ad.size() != 3 || bd.size() != 3 || ed.size() != 2 || wd.size() != 2 || wd[0] != ed[0] ||
+      wd[1] != ed[1]) {
+    return ffi::Error::InvalidArgument(
+        "routed_lora_cpu: expected x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts and weights [T, k]");
+  }
+  const Problem p{x.typed_data(), a.typed_data(), b.typed_data(), experts.typed_data(), weights.typed_data(),
+                  out->typed_data(), xd[0], xd[1], ad[0], ad[2], bd[2], ed[1]};
+  if (ad[1] != p.d_in || bd[0] != p.num_experts || bd[1] != p.rank || ed[0] != p.tokens) {
+    return ffi::Error::InvalidArgument("routed_lora_cpu: the shapes of x, a, b and experts disagree");
+  }
+  for (int64_t i = 0; i < p.tokens * p.k; ++i) {
+    if (p.experts[i] < 0 || p.experts[i] >= p.num_experts) {
+      return ffi::Error::InvalidArgument("routed_lora_cpu: an expert id is outside [0, E)");
+    }
+  }
+  if (p.k == 0) {
+    std::fill(p.out, p.out + p.tokens * p.d_out, 0.0f);
+    return ffi::Error::Success();
+  }
+  RoutedLora(pool, p);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeJaxRoutedLoraCpu, RoutedLoraImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
