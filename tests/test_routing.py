@@ -106,17 +106,17 @@ def test_grid_capacity_branches(largest):
 
 
 def test_auto_choice_on_cpu():
-  """`auto` on this CPU: dense for few experts or when the sorted layout is not much smaller than T*E; the C++
-  kernel (`ffi`, built here) for float32 inputs otherwise. Without float32 inputs (or without the kernel): `grid`
-  for a routed layer's batch (512 tokens, top-2 of 166); `sorted` for a decoding step's 8 tokens, where even the
-  smallest grid (166 x 8 rows) would pad 9x more than `sorted` (144 rows)."""
+  """`auto` on this CPU: the C++ kernel (`ffi`, built here) for float32 inputs. Without float32 inputs (or without
+  the kernel): dense for few experts or when the sorted layout is not much smaller than T*E; `grid` for a routed
+  layer's batch (512 tokens, top-2 of 166); `sorted` for a decoding step's 8 tokens, where even the smallest grid
+  (166 x 8 rows) would pad 9x more than `sorted` (144 rows)."""
   assert jax.default_backend() == "cpu"
 
   def choice(tokens, k, num_experts, float32=True):
     return routed._auto(tokens, k, num_experts, routed.sorted_block(tokens, k, num_experts), float32)
 
-  assert choice(512, 2, 8) == "dense" and choice(8, 2, 36) == "dense"
-  assert choice(512, 2, 166) == "ffi" and choice(8, 2, 166) == "ffi"
+  assert choice(512, 2, 8) == choice(8, 2, 36) == choice(512, 2, 166) == choice(8, 2, 166) == "ffi"
+  assert choice(512, 2, 8, False) == "dense" and choice(8, 2, 36, False) == "dense"
   assert choice(512, 2, 166, False) == "grid" and choice(256, 1, 166, False) == "grid"
   assert choice(8, 2, 166, False) == "sorted"
 

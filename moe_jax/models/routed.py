@@ -22,11 +22,11 @@
 - `pallas`: the same sort into one-expert row tiles, then two Pallas kernels (Punica-style shrink and expand) that
   index A[e] and B[e] in place (`moe_jax.models.routed_pallas`); forward only. Compiled through Triton on GPU,
   through the Pallas interpreter elsewhere (for tests: slow).
-- `auto`: `dense` when E <= `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than
-  T*E rows; else `pallas` on a GPU (not yet timed on one: `benchmarks/routed_lora.py --preset t5xl` compares it
-  with the others), on a CPU `ffi` for float32 inputs when its kernel builds, else `grid` (`sorted` when even its
-  smallest grid would pad past `GRID_MAX_PADDING` times `sorted`'s rows: a decoding step's few tokens); `sorted`
-  elsewhere. `sorted`'s block follows the mean group
+- `auto`: on a CPU `ffi` for float32 inputs when its kernel builds. Otherwise `dense` when E <=
+  `DENSE_MAX_EXPERTS` or when the padded sorted layout would not be much smaller than T*E rows; else `pallas` on a
+  GPU (not yet timed on one: `benchmarks/routed_lora.py --preset t5xl` compares it with the others), `grid` on a
+  CPU (`sorted` when even its smallest grid would pad past `GRID_MAX_PADDING` times `sorted`'s rows: a decoding
+  step's few tokens), `sorted` elsewhere. `sorted`'s block follows the mean group
   (T*k/E, a power of two in [8, 64]), so that small batches and decoding steps do not pay E*64 rows of padding.
 
 All formulations accumulate in float32 and keep the rank-r intermediate in float32 (low-precision intermediates are
@@ -118,22 +118,23 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
 
 
 def _auto(tokens: int, k: int, num_experts: int, block: int, float32: bool = True) -> str:
-  """Dense computes T*E expert rows with plain matmuls; the others compute padded rows with gathers around them.
-  On a GPU the Pallas kernels; on a CPU the C++ kernel for float32 inputs (`float32`) when it builds, else `grid`
-  unless its smallest grid pads past `GRID_MAX_PADDING` x `sorted`'s rows (few tokens: a decoding step), where
-  `sorted` reads only the experts in use."""
-  rows = sorted_rows(tokens, k, num_experts, block)
-  if num_experts <= DENSE_MAX_EXPERTS or 4 * rows > tokens * num_experts:
-    return "dense"
+  """On a CPU the C++ kernel for float32 inputs (`float32`) when it builds: it pads nothing and beat every other
+  formulation, `dense` at E=8 included (`benchmarks/routed_lora.py --preset cpu`). Otherwise: dense computes T*E
+  expert rows with plain matmuls, the others padded rows with gathers around them; on a GPU the Pallas kernels; on a
+  CPU `grid` unless its smallest grid pads past `GRID_MAX_PADDING` x `sorted`'s rows (few tokens: a decoding step),
+  where `sorted` reads only the experts in use."""
   backend = jax.default_backend()
-  if backend == "gpu":
-    from moe_jax.models import routed_pallas  # pylint: disable=g-import-not-at-top  (Pallas only where it runs)
-    if routed_pallas.available():
-      return "pallas"
   if backend == "cpu" and float32:
     from moe_jax.models import routed_cpu  # pylint: disable=g-import-not-at-top
     if routed_cpu.available():
       return "ffi"
+  rows = sorted_rows(tokens, k, num_experts, block)
+  if num_experts <= DENSE_MAX_EXPERTS or 4 * rows > tokens * num_experts:
+    return "dense"
+  if backend == "gpu":
+    from moe_jax.models import routed_pallas  # pylint: disable=g-import-not-at-top  (Pallas only where it runs)
+    if routed_pallas.available():
+      return "pallas"
   if backend == "cpu" and num_experts * grid_capacities(tokens, k, num_experts)[0] <= GRID_MAX_PADDING * rows:
     return "grid"
   return "sorted"
