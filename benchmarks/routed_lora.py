@@ -246,7 +246,8 @@ def main():
   print(f"preset {args.preset}: d_model {cfg.d_model}, {cfg.num_heads} heads x d_kv {cfg.d_kv}, d_ff {cfg.d_ff} "
         f"{cfg.feed_forward}, {args.layers}+{args.layers} layers, vocab {cfg.vocab_size}, {args.batch} x "
         f"{args.length} tokens (encoder and decoder), {cfg.dtype}, r={args.rank}, router Phatgoose(k), "
-        f"auto = dense for E <= {DENSE_MAX_EXPERTS} (or small batches), else pallas on a GPU, grid on a CPU; "
+        f"auto = ffi (the C++ kernel) on a CPU, else dense for E <= {DENSE_MAX_EXPERTS} (or small batches), pallas "
+        f"on a GPU, grid on a CPU without the kernel; "
         f"median of {args.repeats} calls")
 
   benches = [b for b in make_benches(cfg, args.batch, args.length, args.seed) if b.name in args.benches]

@@ -1,5 +1,6 @@
-"""The routed LoRA CPU kernel (`moe_jax.models.routed_cpu`, C++ through XLA's FFI) against the float64 oracle, at the
-shapes that take its vector paths (ranks that are multiples of 8, column tails), and its build cache and errors.
+"""The routing CPU kernels (`moe_jax.models.routed_cpu`, C++ through XLA's FFI): the routed LoRA against the float64
+oracle at the shapes that take its vector paths (ranks that are multiples of 8, column tails), the top-k against
+`jax.lax.top_k`, and their build cache and errors.
 
 Every formulation, this one included, also runs through `tests/test_routing.py`'s oracle tests (rank 4: the
 kernel's scalar path)."""
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from moe_jax.errors import ConfigError
-from moe_jax.models import reference, routed, routed_cpu
+from moe_jax.models import reference, routed, routed_cpu, routers
 from moe_jax.models.routers import Routing
 
 
@@ -83,7 +84,8 @@ def test_build_is_cached(monkeypatch, tmp_path):
 
 
 def test_without_a_compiler(monkeypatch, tmp_path):
-  """No compiler: the build says so in one line, `impl='ffi'` is a ConfigError carrying it, and `auto` uses `grid`."""
+  """No compiler: the build says so in one line, `impl='ffi'` is a ConfigError carrying it, `auto` uses `grid` and
+  the routers `jax.lax.top_k`."""
   monkeypatch.setenv("MOE_JAX_KERNEL_CACHE", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler-here")
   with pytest.raises(RuntimeError, match="no C.. compiler 'no-such-compiler-here'"):
@@ -93,3 +95,28 @@ def test_without_a_compiler(monkeypatch, tmp_path):
   with pytest.raises(ConfigError, match="impl='ffi' needs its C.. kernel"):
     routed.routed_lora(x, a, b, Routing(jnp.asarray(experts, jnp.int32), jnp.asarray(weights)), "ffi")
   assert routed._auto(512, 2, 166, routed.sorted_block(512, 2, 166)) == "grid"
+  scores = jnp.asarray(np.random.default_rng(6).standard_normal((5, 9)), jnp.float32)
+  assert "ffi_call" not in str(jax.make_jaxpr(lambda s: routers.top_k(s, 2))(scores))
+
+
+@pytest.mark.parametrize("shape,k", [((256, 166), 2), ((3, 7, 17), 3), ((70, 5), 5), ((130, 9), 1)])
+def test_top_k_matches_lax_top_k_with_ties(shape, k):
+  """The kernel's indices against `jax.lax.top_k`'s on integer-valued scores (many ties: the lower index first),
+  over more rows than one task of the pool (64); values gathered from the scores."""
+  scores = jnp.asarray(np.random.default_rng(k).integers(-3, 4, shape), jnp.float32)
+  values, indices = jax.jit(lambda s: routers.top_k(s, k))(scores)
+  want_values, want_indices = jax.lax.top_k(scores, k)
+  np.testing.assert_array_equal(indices, want_indices)
+  np.testing.assert_array_equal(values, want_values)
+
+
+def test_top_k_total_order():
+  """NaN above +inf, +0 above -0, -NaN below everything: IEEE total order, as `jax.lax.top_k`."""
+  scores = jnp.array([[1.0, jnp.nan, 3.0, -0.0, 0.0, jnp.inf, 3.0, -jnp.nan, -jnp.inf]], jnp.float32)
+  np.testing.assert_array_equal(routed_cpu.top_k_indices(scores, 9), [[1, 5, 2, 6, 0, 4, 3, 8, 7]])
+
+
+def test_top_k_gradient_flows_through_values():
+  scores = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)), jnp.float32)
+  grad = lambda top_k: jax.grad(lambda s: jnp.sum(top_k(s, 2)[0] ** 2))(scores)
+  np.testing.assert_allclose(grad(routers.top_k), grad(jax.lax.top_k))

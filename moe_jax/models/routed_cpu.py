@@ -1,15 +1,18 @@
-"""Routed LoRA forward on CPU as a C++ XLA FFI kernel (`csrc/routed_lora_cpu.cc`), built on first use.
+"""Routing on CPU as C++ XLA FFI kernels (`csrc/routing_cpu.cc`), built on first use: the routed LoRA forward and
+the routers' top-k.
 
 Why: on XLA:CPU the pure-XLA formulations spend most of a routed module in the shrink's batched matmul over ~166
 small expert groups, which XLA runs on one thread while reading A at a fraction of memory bandwidth. The kernel
 sorts the assignments by expert itself, streams each expert's A and B once per group on every thread of XLA's
-intra-op pool, and pads nothing. It accumulates in float32 and keeps the rank-r intermediate in float32.
+intra-op pool, and pads nothing. It accumulates in float32 and keeps the rank-r intermediate in float32. XLA:CPU's
+TopK, for its part, took as long per module as that whole kernel (~0.1 ms for top-2 of 166 over 256 tokens).
 
 The source ships with the package and is compiled with the machine's C++17 compiler (`$CXX`, default `c++`) against
 the FFI headers that jaxlib ships (`jax.ffi.include_dir()`), at `-O3 -march=native`, into a cache keyed by the
 source, the compiler, jax's version and the CPU's flags (`$MOE_JAX_KERNEL_CACHE`, default
 `~/.cache/moe_jax/kernels`): the first process on a machine pays ~2 s, later ones load the library. Where no
-compiler works, `available()` is False (the reason is logged once) and `routed.routed_lora`'s `auto` uses `grid`.
+compiler works, `available()` is False (the reason is logged once): `routed.routed_lora`'s `auto` uses `grid` and
+the routers `jax.lax.top_k`.
 
 The gradient (`jax.custom_vjp`) is `grid`'s: training tunes one expert or one gate (no routed backward), so the
 backward only has to be right, not fast.
@@ -36,9 +39,8 @@ from moe_jax.models.routers import Routing
 
 Array = jax.Array
 
-SOURCE = Path(__file__).with_name("csrc") / "routed_lora_cpu.cc"
-TARGET = "moe_jax_routed_lora_cpu"
-SYMBOL = "MoeJaxRoutedLoraCpu"
+SOURCE = Path(__file__).with_name("csrc") / "routing_cpu.cc"
+TARGETS = {"moe_jax_routed_lora_cpu": "MoeJaxRoutedLoraCpu", "moe_jax_top_k_cpu": "MoeJaxTopKCpu"}  # name: symbol
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,11 @@ def _build() -> Path:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
   key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), jax.__version__,
                                   platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-  path = cache_dir() / f"routed_lora_cpu-{key}.so"
+  path = cache_dir() / f"routing_cpu-{key}.so"
   if path.exists():
     return path
   path.parent.mkdir(parents=True, exist_ok=True)
-  log.info("compiling the routed LoRA CPU kernel into %s (once per machine)", path)
+  log.info("compiling the routing CPU kernels into %s (once per machine)", path)
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # same filesystem: the rename below is atomic
     built = Path(tmp) / path.name
     result = subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
@@ -89,19 +91,29 @@ def _build() -> Path:
 
 @functools.cache
 def _load() -> str | None:
-  """Builds (or finds) the kernel and registers it with XLA; None when ready, else why it is not."""
+  """Builds (or finds) the kernels and registers them with XLA; None when ready, else why they are not."""
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
   except (RuntimeError, OSError) as e:
-    log.warning("routed LoRA CPU kernel unavailable, `auto` uses `grid` on CPU: %s", e)
+    log.warning("routing CPU kernels unavailable (routed LoRA uses `grid`, routers jax.lax.top_k): %s", e)
     return str(e)
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+  for name, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return None
 
 
 def available() -> bool:
-  """Whether the kernel is built and registered (building it on the first call)."""
+  """Whether the kernels are built and registered (building them on the first call)."""
   return _load() is None
+
+
+def top_k_indices(scores: Array, k: int) -> Array:
+  """The indices of `jax.lax.top_k(scores, k)` for float32 scores [..., n] (the same order: IEEE total order, ties
+  to the lower index), from the C++ kernel; int32 [..., k]. Call only where `available()`."""
+  rows = jax.lax.stop_gradient(scores).reshape(-1, scores.shape[-1])  # integer indices: no gradient to pass
+  out = jax.ShapeDtypeStruct((rows.shape[0], k), jnp.int32)
+  indices = jax.ffi.ffi_call("moe_jax_top_k_cpu", out, vmap_method="sequential")(rows)
+  return indices.reshape(scores.shape[:-1] + (k,))
 
 
 def routed_lora_cpu(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
@@ -116,7 +128,7 @@ def routed_lora_cpu(x: Array, a: Array, b: Array, experts: Array, weights: Array
 
 def _forward(x: Array, a: Array, b: Array, experts: Array, weights: Array) -> Array:
   out = jax.ShapeDtypeStruct((x.shape[0], b.shape[-1]), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, a, b, experts, weights)
+  return jax.ffi.ffi_call("moe_jax_routed_lora_cpu", out, vmap_method="sequential")(x, a, b, experts, weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

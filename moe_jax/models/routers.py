@@ -41,6 +41,19 @@ class Router:
     raise NotImplementedError
 
 
+def top_k(scores: Array, k: int) -> tuple[Array, Array]:
+  """`jax.lax.top_k(scores, k)` over the last axis (values, int32 indices; ties to the lower index). On a CPU, for
+  float32 scores, the indices come from the C++ kernel of `moe_jax.models.routed_cpu` when it builds (XLA:CPU's TopK
+  cost as much as a module's routed LoRA) and the values are gathered from `scores`, so gradients flow as through
+  `jax.lax.top_k`."""
+  if jax.default_backend() == "cpu" and scores.dtype == jnp.float32:
+    from moe_jax.models import routed_cpu  # pylint: disable=g-import-not-at-top
+    if routed_cpu.available():
+      indices = routed_cpu.top_k_indices(scores, k)
+      return jnp.take_along_axis(scores, indices, axis=-1), indices
+  return jax.lax.top_k(scores, k)
+
+
 def standardize(x: Array, eps: float = 1e-5) -> Array:
   """Zero mean, unit variance over the last axis, no affine (LayerNorm without scale/bias), in float32."""
   x = x.astype(jnp.float32)
@@ -68,7 +81,7 @@ class Phatgoose(Router):
       raise ConfigError(f"Phatgoose router: k={self.k} but the module has {num_experts} experts")
     scores = jnp.einsum("...d,ed->...e", standardize(x, self.eps), standardize(vectors, self.eps),
                         precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d_in))
-    top_scores, top_experts = jax.lax.top_k(scores, self.k)
+    top_scores, top_experts = top_k(scores, self.k)
     return Routing(top_experts.astype(jnp.int32), jax.nn.softmax(top_scores, axis=-1))
 
 
@@ -147,5 +160,5 @@ class Arrow(Router):
                                 precision=jax.lax.Precision.HIGHEST)) / jnp.float32(self.temperature)
     if self.k is None:
       return Routing(None, jax.nn.softmax(scores, axis=-1))
-    top_scores, top_experts = jax.lax.top_k(scores, self.k)
+    top_scores, top_experts = top_k(scores, self.k)
     return Routing(top_experts.astype(jnp.int32), jax.nn.softmax(top_scores, axis=-1))
