@@ -127,8 +127,14 @@ def routed_lora_cpu(x: Array, a: Array, b: Array, experts: Array, weights: Array
 
 
 def _forward(x: Array, a: Array, b: Array, experts: Array, weights: Array) -> Array:
-  out = jax.ShapeDtypeStruct((x.shape[0], b.shape[-1]), jnp.float32)
-  return jax.ffi.ffi_call("moe_jax_routed_lora_cpu", out, vmap_method="sequential")(x, a, b, experts, weights)
+  """The kernel writes each assignment's product [T, k, d_out]; a token's k rows are added here, as slices, so that
+  XLA fuses the sum into the consumer (the base output's add) instead of the kernel making a second pass."""
+  rows = jax.ShapeDtypeStruct((x.shape[0], experts.shape[1], b.shape[-1]), jnp.float32)
+  rows = jax.ffi.ffi_call("moe_jax_routed_lora_cpu", rows, vmap_method="sequential")(x, a, b, experts, weights)
+  out = rows[:, 0]
+  for slot in range(1, experts.shape[1]):
+    out = out + rows[:, slot]
+  return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

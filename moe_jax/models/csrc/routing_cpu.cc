@@ -1,12 +1,15 @@
-// Routing on CPU as XLA FFI handlers: the routed LoRA forward, out[t] = sum_s w[t,s] * (x[t] @ A[e[t,s]]) @ B[e[t,s]]
-// (MoeJaxRoutedLoraCpu), and the routers' top-k (MoeJaxTopKCpu).
+// Routing on CPU as XLA FFI handlers: the routed LoRA forward's products, rows[t, s] = w[t,s] * (x[t] @ A[e]) @ B[e]
+// with e = e[t,s] (MoeJaxRoutedLoraCpu), and the routers' top-k (MoeJaxTopKCpu).
 //
 // Why a kernel for the LoRA: XLA:CPU runs the shrink of `grid` / `sorted` (a batched [E, rows, d_in] x [E, d_in, r] matmul) on
 // one thread and reads A at a fraction of the memory bandwidth. Here each expert's A and B stream once per group of
 // its assignments, on every thread of XLA's intra-op pool, with no padded rows and no gathered copies of x or of the
 // weights. Float32 throughout, the rank-r intermediate included.
 //
-// Layout: x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts [T, k] int32, weights [T, k] -> out [T, d_out].
+// Layout: x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts [T, k] int32, weights [T, k] -> rows [T, k, d_out].
+// The caller adds a token's k rows, which XLA fuses into the add of the base layer's output: summed here, the rows of
+// one token (from experts that different threads expand) would need a second pass or a second read of B per slot;
+// either made the routed `cpu` benchmark layer ~0.35 ms slower (of ~8).
 //
 // Why a kernel for the top-k: XLA:CPU's TopK took ~0.1 ms for one [256, 166] top-2, as long as that module's LoRA;
 // a scan that keeps the k best of each row takes a few microseconds.
@@ -87,7 +90,7 @@ struct Problem {
   const float* b;
   const int32_t* experts;
   const float* weights;
-  float* out;
+  float* rows;
   int64_t tokens, d_in, num_experts, rank, d_out, k;
 };
 
@@ -131,49 +134,43 @@ void ShrinkAny(const Problem& p, const int64_t* order, int64_t begin, int64_t en
   }
 }
 
-// out[token(i)] (+)= h[i] @ B[e] for the assignments `order[begin:end]` (all of expert e and of one slot, so no two
-// share a token), kColVecs vectors of columns at a time so that those columns of B[e] stay in L1 across the group.
-void Expand(const Problem& p, const int64_t* order, int64_t begin, int64_t end, const float* be, const float* h,
-            bool accumulate) {
+// rows[i] = h[i] @ B[e] for the assignments `order[begin:end]` (all of expert e), kColVecs vectors of columns at a
+// time so that those columns of B[e] stay in L1 across the group: B is read once.
+void Expand(const Problem& p, const int64_t* order, int64_t begin, int64_t end, const float* be, const float* h) {
   constexpr int64_t kCols = kColVecs * kLanes;
   const int64_t full = p.d_out / kCols * kCols;
   for (int64_t c0 = 0; c0 < full; c0 += kCols) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t assignment = order[g];
       const float* hrow = h + assignment * p.rank;
-      float* orow = p.out + (assignment / p.k) * p.d_out + c0;
-      Vec acc[kColVecs];
-      for (int v = 0; v < kColVecs; ++v) acc[v] = accumulate ? Load(orow + v * kLanes) : Vec{};
+      Vec acc[kColVecs] = {};
       for (int64_t i = 0; i < p.rank; ++i) {
         const float c = hrow[i];
         const float* brow = be + i * p.d_out + c0;
-        if (g == begin) {  // the next tile of this row (past the last tile: the start of the next row or expert)
+        if (g == begin) {
           for (int64_t l = 0; l < kCols; l += 64 / sizeof(float)) __builtin_prefetch(brow + kCols + l);
         }
         for (int v = 0; v < kColVecs; ++v) acc[v] += c * Load(brow + v * kLanes);
       }
-      for (int v = 0; v < kColVecs; ++v) Store(orow + v * kLanes, acc[v]);
+      for (int v = 0; v < kColVecs; ++v) Store(p.rows + assignment * p.d_out + c0 + v * kLanes, acc[v]);
     }
   }
-  for (int64_t g = begin; full < p.d_out && g < end; ++g) {  // the last d_out % kCols columns
+  for (int64_t g = begin; full < p.d_out && g < end; ++g) {
     const int64_t assignment = order[g];
-    float* orow = p.out + (assignment / p.k) * p.d_out;
     for (int64_t o = full; o < p.d_out; ++o) {
-      float acc = accumulate ? orow[o] : 0.0f;
+      float acc = 0.0f;
       for (int64_t i = 0; i < p.rank; ++i) acc += h[assignment * p.rank + i] * be[i * p.d_out + o];
-      orow[o] = acc;
+      p.rows[assignment * p.d_out + o] = acc;
     }
   }
 }
 
 void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
-  // Two counting sorts of the assignments: by expert for the shrink (A[e] read once for all its tokens), by (slot,
-  // expert) for the expand (the groups of one slot touch distinct tokens, so no two threads write one output row).
-  const int64_t n = p.tokens * p.k, num_experts = p.num_experts, k = p.k;
+  // The assignments sorted by expert: A[e] and B[e] are read once, for all of e's tokens.
+  const int64_t n = p.tokens * p.k, num_experts = p.num_experts;
   const int32_t* ep = p.experts;
-  std::vector<int64_t> by_expert, expert_start, by_slot, slot_start;
+  std::vector<int64_t> by_expert, expert_start;
   CountingSort(n, num_experts, [&](int64_t i) { return int64_t{ep[i]}; }, by_expert, expert_start);
-  CountingSort(n, k * num_experts, [&](int64_t i) { return (i % k) * num_experts + ep[i]; }, by_slot, slot_start);
 
   std::vector<float> h(n * p.rank);
   const int64_t tasks = (num_experts + kExpertsPerTask - 1) / kExpertsPerTask;
@@ -185,27 +182,20 @@ void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
       const float* ae = p.a + e * p.d_in * p.rank;
       const int64_t begin = expert_start[e], end = expert_start[e + 1];
       switch (p.rank) {
-        case 8: return ShrinkVec<8>(p, by_expert.data(), begin, end, ae, h.data());
-        case 16: return ShrinkVec<16>(p, by_expert.data(), begin, end, ae, h.data());
-        case 32: return ShrinkVec<32>(p, by_expert.data(), begin, end, ae, h.data());
-        case 64: return ShrinkVec<64>(p, by_expert.data(), begin, end, ae, h.data());
-        default: return ShrinkAny(p, by_expert.data(), begin, end, ae, h.data());
+        case 8: ShrinkVec<8>(p, by_expert.data(), begin, end, ae, h.data()); break;
+        case 16: ShrinkVec<16>(p, by_expert.data(), begin, end, ae, h.data()); break;
+        case 32: ShrinkVec<32>(p, by_expert.data(), begin, end, ae, h.data()); break;
+        case 64: ShrinkVec<64>(p, by_expert.data(), begin, end, ae, h.data()); break;
+        default: ShrinkAny(p, by_expert.data(), begin, end, ae, h.data());
       }
+      Expand(p, by_expert.data(), begin, end, p.b + e * p.rank * p.d_out, h.data());
     });
   });
-  for (int64_t s = 0; s < k; ++s) {
-    ParallelFor(pool, tasks, [&](int64_t task) {
-      experts_of(task, [&](int64_t e) {
-        const int64_t g = s * num_experts + e;
-        Expand(p, by_slot.data(), slot_start[g], slot_start[g + 1], p.b + e * p.rank * p.d_out, h.data(), s > 0);
-      });
-    });
-  }
 }
 
 ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::F32> weights,
-                          ffi::ResultBuffer<ffi::F32> out) {
+                          ffi::ResultBuffer<ffi::F32> rows) {
   const auto xd = x.dimensions(), ad = a.dimensions(), bd = b.dimensions(), ed = experts.dimensions();
   const auto wd = weights.dimensions();
   if (xd.size() != 2 || ad.size() != 3 || bd.size() != 3 || ed.size() != 2 || wd.size() != 2 || wd[0] != ed[0] ||
@@ -214,7 +204,11 @@ ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
         "routed_lora_cpu: expected x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts and weights [T, k]");
   }
   const Problem p{x.typed_data(), a.typed_data(), b.typed_data(), experts.typed_data(), weights.typed_data(),
-                  out->typed_data(), xd[0], xd[1], ad[0], ad[2], bd[2], ed[1]};
+                  rows->typed_data(), xd[0], xd[1], ad[0], ad[2], bd[2], ed[1]};
+  const auto od = rows->dimensions();
+  if (od.size() != 3 || od[0] != p.tokens || od[1] != p.k || od[2] != p.d_out) {
+    return ffi::Error::InvalidArgument("routed_lora_cpu: expected rows [T, k, d_out]");
+  }
   if (ad[1] != p.d_in || bd[0] != p.num_experts || bd[1] != p.rank || ed[0] != p.tokens) {
     return ffi::Error::InvalidArgument("routed_lora_cpu: the shapes of x, a, b and experts disagree");
   }
@@ -222,10 +216,6 @@ ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     if (p.experts[i] < 0 || p.experts[i] >= p.num_experts) {
       return ffi::Error::InvalidArgument("routed_lora_cpu: an expert id is outside [0, E)");
     }
-  }
-  if (p.k == 0) {
-    std::fill(p.out, p.out + p.tokens * p.d_out, 0.0f);
-    return ffi::Error::Success();
   }
   RoutedLora(pool, p);
   return ffi::Error::Success();
