@@ -122,6 +122,19 @@ def test_auto_choice_on_cpu():
 
 
 @pytest.mark.parametrize("impl", routed.IMPLS)
+def test_base_is_added(impl):
+  """`base` (the layer's own output) comes back plus the update: `ffi` adds into it in place, the others after."""
+  rng, x, a, b = lora_inputs(8, (2, 13), 17)
+  experts, weights = rng.integers(0, 17, (2, 13, 2)), rng.uniform(0.1, 1.0, (2, 13, 2))
+  base = normal(rng, 2, 13, b.shape[-1])
+  routing = Routing(jnp.asarray(experts, jnp.int32), jnp.asarray(weights, jnp.float32))
+  out = jax.jit(lambda x, a, b, base: routed.routed_lora(x, a, b, routing, impl, base=base))(x, a, b, base)
+  ref = base + reference.routed_lora(x.reshape(-1, 24), a, b, experts.reshape(-1, 2),
+                                     weights.reshape(-1, 2)).reshape(base.shape)
+  assert out.dtype == jnp.float32 and rel_err(out, ref) <= RTOL
+
+
+@pytest.mark.parametrize("impl", routed.IMPLS)
 def test_leading_batch_dims(impl):
   rng, x, a, b = lora_inputs(3, (3, 11), 17)
   experts = rng.integers(0, 17, (3, 11, 2))

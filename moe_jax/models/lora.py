@@ -71,10 +71,11 @@ class Linear(nn.Module):
                          (d_in, self.features), jnp.float32)
       y = y + jnp.dot(x, delta.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
     if has_experts(self.experts, module_path(self)):
-      y = y + self._experts(x, d_in, routing_ids)
+      y = self._experts(x, d_in, routing_ids, y)
     return y.astype(cfg.compute_dtype)
 
-  def _experts(self, x: Array, d_in: int, routing_ids: Array | None) -> Array:
+  def _experts(self, x: Array, d_in: int, routing_ids: Array | None, y: Array) -> Array:
+    """y plus the routed experts' update (added by the routed computation: the CPU kernel adds in place)."""
     ex = self.experts
     in_axis, out_axis = self.axes
     dtype = self.config.weights_dtype
@@ -88,4 +89,4 @@ class Linear(nn.Module):
     router = ex.router if ex.router is not None else Uniform()
     routing = router(x, vectors, routing_ids)
     routing = routing._replace(weights=routing.weights / ex.rank)
-    return routed_lora(x, a, b, routing, ex.impl)
+    return routed_lora(x, a, b, routing, ex.impl, base=y)

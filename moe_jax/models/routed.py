@@ -81,8 +81,11 @@ def grid_capacities(tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
   return tuple(caps)
 
 
-def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "auto", block: int | None = None) -> Array:
-  """x [..., d_in], a [E, d_in, r], b [E, r, d_out] -> float32 [..., d_out] (weights already include any scale).
+def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "auto", block: int | None = None,
+                base: Array | None = None) -> Array:
+  """x [..., d_in], a [E, d_in, r], b [E, r, d_out] -> float32 [..., d_out] (weights already include any scale),
+  plus `base` [..., d_out] when given: the layer's own output, which `ffi` adds into in place (the others add it
+  after, an add XLA fuses).
 
   `block` sets the `sorted` block size, also used by `grid` when it falls back to `sorted` (default:
   `sorted_block`)."""
@@ -106,15 +109,17 @@ def routed_lora(x: Array, a: Array, b: Array, routing: Routing, impl: str = "aut
       out = _sorted(x2, a, b, experts, weights, block)
     elif impl == "grid":
       out = _grid(x2, a, b, experts, weights, block)
-    elif impl == "ffi":  # the CPU kernel
+    elif impl == "ffi":  # the CPU kernel, which adds the base output itself
       from moe_jax.models import routed_cpu  # pylint: disable=g-import-not-at-top
-      out = routed_cpu.routed_lora_cpu(x2, a, b, experts, weights, block)
+      base2 = None if base is None else base.reshape(-1, b.shape[-1])
+      return routed_cpu.routed_lora_cpu(x2, a, b, experts, weights, block, base2).reshape(lead + (b.shape[-1],))
     elif impl == "pallas":  # the GPU kernel; elsewhere the same kernels through the Pallas interpreter (slow)
       from moe_jax.models import routed_pallas  # pylint: disable=g-import-not-at-top
       out = routed_pallas.routed_lora_pallas(x2, a, b, experts, weights, interpret=not routed_pallas.available())
     else:
       out = _ragged(x2, a, b, experts, weights)
-  return out.reshape(lead + (b.shape[-1],))
+  out = out.reshape(lead + (b.shape[-1],))
+  return out if base is None else base.astype(jnp.float32) + out
 
 
 def _auto(tokens: int, k: int, num_experts: int, block: int, float32: bool = True) -> str:

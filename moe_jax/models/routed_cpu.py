@@ -116,34 +116,32 @@ def top_k_indices(scores: Array, k: int) -> Array:
   return indices.reshape(scores.shape[:-1] + (k,))
 
 
-def routed_lora_cpu(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int) -> Array:
-  """x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts/weights [T, k] -> float32 [T, d_out]; inputs are cast to
+def routed_lora_cpu(x: Array, a: Array, b: Array, experts: Array, weights: Array, block: int,
+                    base: Array | None = None) -> Array:
+  """x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts/weights [T, k] -> float32 [T, d_out], plus `base`
+  [T, d_out] when given (the kernel adds into it in place: no pass of its own over the output). Inputs are cast to
   float32. `block` is the block of `sorted`, used by the backward (`grid`'s, which may fall back to it)."""
   reason = _load()
   if reason is not None:
     raise ConfigError(f"routed LoRA impl='ffi' needs its C++ kernel, which could not be built: {reason}")
+  base = jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) if base is None else base.astype(jnp.float32)
   return _routed(x.astype(jnp.float32), a.astype(jnp.float32), b.astype(jnp.float32), experts.astype(jnp.int32),
-                 weights.astype(jnp.float32), block)
+                 weights.astype(jnp.float32), base, block)
 
 
-def _forward(x: Array, a: Array, b: Array, experts: Array, weights: Array) -> Array:
-  """The kernel writes each assignment's product [T, k, d_out]; a token's k rows are added here, as slices, so that
-  XLA fuses the sum into the consumer (the base output's add) instead of the kernel making a second pass."""
-  rows = jax.ShapeDtypeStruct((x.shape[0], experts.shape[1], b.shape[-1]), jnp.float32)
-  rows = jax.ffi.ffi_call("moe_jax_routed_lora_cpu", rows, vmap_method="sequential")(x, a, b, experts, weights)
-  out = rows[:, 0]
-  for slot in range(1, experts.shape[1]):
-    out = out + rows[:, slot]
-  return out
+def _forward(x: Array, a: Array, b: Array, experts: Array, weights: Array, base: Array) -> Array:
+  call = jax.ffi.ffi_call("moe_jax_routed_lora_cpu", jax.ShapeDtypeStruct(base.shape, jnp.float32),
+                          vmap_method="sequential", input_output_aliases={5: 0})
+  return call(x, a, b, experts, weights, base)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _routed(x, a, b, experts, weights, block):
-  return _forward(x, a, b, experts, weights)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _routed(x, a, b, experts, weights, base, block):
+  return _forward(x, a, b, experts, weights, base)
 
 
-def _routed_fwd(x, a, b, experts, weights, block):
-  return _forward(x, a, b, experts, weights), (x, a, b, experts, weights)
+def _routed_fwd(x, a, b, experts, weights, base, block):
+  return _forward(x, a, b, experts, weights, base), (x, a, b, experts, weights)
 
 
 def _routed_bwd(block, residuals, cotangent):
@@ -151,7 +149,7 @@ def _routed_bwd(block, residuals, cotangent):
   x, a, b, experts, weights = residuals
   grid = lambda x, a, b, weights: routed.routed_lora(x, a, b, Routing(experts, weights), "grid", block)
   dx, da, db, dweights = jax.vjp(grid, x, a, b, weights)[1](cotangent)
-  return dx, da, db, None, dweights
+  return dx, da, db, None, dweights, cotangent
 
 
 _routed.defvjp(_routed_fwd, _routed_bwd)

@@ -1,15 +1,18 @@
-// Routing on CPU as XLA FFI handlers: the routed LoRA forward's products, rows[t, s] = w[t,s] * (x[t] @ A[e]) @ B[e]
-// with e = e[t,s] (MoeJaxRoutedLoraCpu), and the routers' top-k (MoeJaxTopKCpu).
+// Routing on CPU as XLA FFI handlers: the routed LoRA forward added to the base layer's output,
+// out[t] = base[t] + sum_s w[t,s] * (x[t] @ A[e[t,s]]) @ B[e[t,s]] (MoeJaxRoutedLoraCpu), and the routers' top-k
+// (MoeJaxTopKCpu).
 //
 // Why a kernel for the LoRA: XLA:CPU runs the shrink of `grid` / `sorted` (a batched [E, rows, d_in] x [E, d_in, r] matmul) on
 // one thread and reads A at a fraction of the memory bandwidth. Here each expert's A and B stream once per group of
 // its assignments, on every thread of XLA's intra-op pool, with no padded rows and no gathered copies of x or of the
 // weights. Float32 throughout, the rank-r intermediate included.
 //
-// Layout: x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts [T, k] int32, weights [T, k] -> rows [T, k, d_out].
-// The caller adds a token's k rows, which XLA fuses into the add of the base layer's output: summed here, the rows of
-// one token (from experts that different threads expand) would need a second pass or a second read of B per slot;
-// either made the routed `cpu` benchmark layer ~0.35 ms slower (of ~8).
+// Layout: x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts [T, k] int32, weights [T, k], base [T, d_out] -> out
+// [T, d_out], which XLA aliases to base. A token's slot-0 product is added to base in place; its other k - 1 go to
+// rows of their own (different threads expand a token's experts) that one pass per token adds after. Measured on
+// the routed `cpu_xl` / `cpu` benchmark layers, this beat a second read of B per slot (accumulating slot by slot),
+// a separate sum of the k rows before XLA's add of base (~0.35 ms of ~8 at `cpu`), and handing the k rows to XLA to
+// add (fused into attention's transposing copy of q/k/v, ~10 ms slower of ~100 at `cpu_xl`).
 //
 // Why a kernel for the top-k: XLA:CPU's TopK took ~0.1 ms for one [256, 166] top-2, as long as that module's LoRA;
 // a scan that keeps the k best of each row takes a few microseconds.
@@ -90,7 +93,7 @@ struct Problem {
   const float* b;
   const int32_t* experts;
   const float* weights;
-  float* rows;
+  float* out;  // holds base on entry
   int64_t tokens, d_in, num_experts, rank, d_out, k;
 };
 
@@ -134,33 +137,43 @@ void ShrinkAny(const Problem& p, const int64_t* order, int64_t begin, int64_t en
   }
 }
 
-// rows[i] = h[i] @ B[e] for the assignments `order[begin:end]` (all of expert e), kColVecs vectors of columns at a
-// time so that those columns of B[e] stay in L1 across the group: B is read once.
-void Expand(const Problem& p, const int64_t* order, int64_t begin, int64_t end, const float* be, const float* h) {
+// h[i] @ B[e] for the assignments `order[begin:end]` (all of expert e), kColVecs vectors of columns at a time so that
+// those columns of B[e] stay in L1 across the group (B is read once). A token's slot-0 product is added to its output
+// row in place: no other thread writes that row meanwhile, since its other slots go to `rows` [T, k - 1, d_out].
+void Expand(const Problem& p, const int64_t* order, int64_t begin, int64_t end, const float* be, const float* h,
+            float* rows) {
   constexpr int64_t kCols = kColVecs * kLanes;
   const int64_t full = p.d_out / kCols * kCols;
+  auto target = [&](int64_t assignment) {
+    const int64_t token = assignment / p.k, slot = assignment % p.k;
+    return slot == 0 ? p.out + token * p.d_out : rows + (token * (p.k - 1) + slot - 1) * p.d_out;
+  };
   for (int64_t c0 = 0; c0 < full; c0 += kCols) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t assignment = order[g];
       const float* hrow = h + assignment * p.rank;
-      Vec acc[kColVecs] = {};
+      float* dst = target(assignment) + c0;
+      const bool add = assignment % p.k == 0;
+      Vec acc[kColVecs];
+      for (int v = 0; v < kColVecs; ++v) acc[v] = add ? Load(dst + v * kLanes) : Vec{};
       for (int64_t i = 0; i < p.rank; ++i) {
         const float c = hrow[i];
         const float* brow = be + i * p.d_out + c0;
-        if (g == begin) {
+        if (g == begin) {  // the next tile of this row (past the last tile: the start of the next row or expert)
           for (int64_t l = 0; l < kCols; l += 64 / sizeof(float)) __builtin_prefetch(brow + kCols + l);
         }
         for (int v = 0; v < kColVecs; ++v) acc[v] += c * Load(brow + v * kLanes);
       }
-      for (int v = 0; v < kColVecs; ++v) Store(p.rows + assignment * p.d_out + c0 + v * kLanes, acc[v]);
+      for (int v = 0; v < kColVecs; ++v) Store(dst + v * kLanes, acc[v]);
     }
   }
-  for (int64_t g = begin; full < p.d_out && g < end; ++g) {
+  for (int64_t g = begin; full < p.d_out && g < end; ++g) {  // the last d_out % kCols columns
     const int64_t assignment = order[g];
+    float* dst = target(assignment);
     for (int64_t o = full; o < p.d_out; ++o) {
-      float acc = 0.0f;
+      float acc = assignment % p.k == 0 ? dst[o] : 0.0f;
       for (int64_t i = 0; i < p.rank; ++i) acc += h[assignment * p.rank + i] * be[i * p.d_out + o];
-      p.rows[assignment * p.d_out + o] = acc;
+      dst[o] = acc;
     }
   }
 }
@@ -172,7 +185,8 @@ void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
   std::vector<int64_t> by_expert, expert_start;
   CountingSort(n, num_experts, [&](int64_t i) { return int64_t{ep[i]}; }, by_expert, expert_start);
 
-  std::vector<float> h(n * p.rank);
+  // Fully written before they are read: h by the shrink, rows (slots 1..k-1) by the expand.
+  std::unique_ptr<float[]> h(new float[n * p.rank]), rows(new float[p.tokens * (p.k - 1) * p.d_out]);
   const int64_t tasks = (num_experts + kExpertsPerTask - 1) / kExpertsPerTask;
   auto experts_of = [&](int64_t task, auto&& body) {
     for (int64_t e = task * kExpertsPerTask; e < std::min(num_experts, (task + 1) * kExpertsPerTask); ++e) body(e);
@@ -182,32 +196,45 @@ void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
       const float* ae = p.a + e * p.d_in * p.rank;
       const int64_t begin = expert_start[e], end = expert_start[e + 1];
       switch (p.rank) {
-        case 8: ShrinkVec<8>(p, by_expert.data(), begin, end, ae, h.data()); break;
-        case 16: ShrinkVec<16>(p, by_expert.data(), begin, end, ae, h.data()); break;
-        case 32: ShrinkVec<32>(p, by_expert.data(), begin, end, ae, h.data()); break;
-        case 64: ShrinkVec<64>(p, by_expert.data(), begin, end, ae, h.data()); break;
-        default: ShrinkAny(p, by_expert.data(), begin, end, ae, h.data());
+        case 8: ShrinkVec<8>(p, by_expert.data(), begin, end, ae, h.get()); break;
+        case 16: ShrinkVec<16>(p, by_expert.data(), begin, end, ae, h.get()); break;
+        case 32: ShrinkVec<32>(p, by_expert.data(), begin, end, ae, h.get()); break;
+        case 64: ShrinkVec<64>(p, by_expert.data(), begin, end, ae, h.get()); break;
+        default: ShrinkAny(p, by_expert.data(), begin, end, ae, h.get());
       }
-      Expand(p, by_expert.data(), begin, end, p.b + e * p.rank * p.d_out, h.data());
+      Expand(p, by_expert.data(), begin, end, p.b + e * p.rank * p.d_out, h.get(), rows.get());
     });
+  });
+  if (p.k == 1) return;
+  constexpr int64_t kTokensPerTask = 16;
+  ParallelFor(pool, (p.tokens + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task) {
+    for (int64_t t = task * kTokensPerTask; t < std::min(p.tokens, (task + 1) * kTokensPerTask); ++t) {
+      float* orow = p.out + t * p.d_out;
+      for (int64_t s = 1; s < p.k; ++s) {
+        const float* row = rows.get() + (t * (p.k - 1) + s - 1) * p.d_out;
+        for (int64_t o = 0; o < p.d_out; ++o) orow[o] += row[o];
+      }
+    }
   });
 }
 
 ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
                           ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::F32> weights,
-                          ffi::ResultBuffer<ffi::F32> rows) {
+                          ffi::Buffer<ffi::F32> base, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), ad = a.dimensions(), bd = b.dimensions(), ed = experts.dimensions();
   const auto wd = weights.dimensions();
   if (xd.size() != 2 || ad.size() != 3 || bd.size() != 3 || ed.size() != 2 || wd.size() != 2 || wd[0] != ed[0] ||
       wd[1] != ed[1]) {
     return ffi::Error::InvalidArgument(
-        "routed_lora_cpu: expected x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts and weights [T, k]");
+        "routed_lora_cpu: expected x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts and weights [T, k], "
+        "base and out [T, d_out]");
   }
   const Problem p{x.typed_data(), a.typed_data(), b.typed_data(), experts.typed_data(), weights.typed_data(),
-                  rows->typed_data(), xd[0], xd[1], ad[0], ad[2], bd[2], ed[1]};
-  const auto od = rows->dimensions();
-  if (od.size() != 3 || od[0] != p.tokens || od[1] != p.k || od[2] != p.d_out) {
-    return ffi::Error::InvalidArgument("routed_lora_cpu: expected rows [T, k, d_out]");
+                  out->typed_data(), xd[0], xd[1], ad[0], ad[2], bd[2], ed[1]};
+  const auto based = base.dimensions(), od = out->dimensions();
+  if (based.size() != 2 || od.size() != 2 || based[0] != p.tokens || od[0] != p.tokens || based[1] != p.d_out ||
+      od[1] != p.d_out) {
+    return ffi::Error::InvalidArgument("routed_lora_cpu: expected base and out [T, d_out]");
   }
   if (ad[1] != p.d_in || bd[0] != p.num_experts || bd[1] != p.rank || ed[0] != p.tokens) {
     return ffi::Error::InvalidArgument("routed_lora_cpu: the shapes of x, a, b and experts disagree");
@@ -217,6 +244,7 @@ ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       return ffi::Error::InvalidArgument("routed_lora_cpu: an expert id is outside [0, E)");
     }
   }
+  if (base.typed_data() != p.out) std::copy(base.typed_data(), base.typed_data() + p.tokens * p.d_out, p.out);
   RoutedLora(pool, p);
   return ffi::Error::Success();
 }
@@ -272,6 +300,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeJaxRoutedLoraCpu, RoutedLoraImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
