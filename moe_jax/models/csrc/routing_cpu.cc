@@ -87,6 +87,18 @@ void CountingSort(int64_t n, int64_t keys, const Key& key, std::vector<int64_t>&
   for (int64_t i = 0; i < n; ++i) order[fill[key(i)]++] = i;
 }
 
+// Scratch kept across calls up to this many floats per calling thread (256 MB); a larger one is freed after its call.
+constexpr int64_t kMaxKeptScratch = int64_t{1} << 26;
+
+float* Scratch(std::vector<float>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+
+void ReleaseLarge(std::vector<float>& buffer) {
+  if (static_cast<int64_t>(buffer.size()) > kMaxKeptScratch) std::vector<float>().swap(buffer);
+}
+
 struct Problem {
   const float* x;
   const float* a;
@@ -185,8 +197,12 @@ void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
   std::vector<int64_t> by_expert, expert_start;
   CountingSort(n, num_experts, [&](int64_t i) { return int64_t{ep[i]}; }, by_expert, expert_start);
 
-  // Fully written before they are read: h by the shrink, rows (slots 1..k-1) by the expand.
-  std::unique_ptr<float[]> h(new float[n * p.rank]), rows(new float[p.tokens * (p.k - 1) * p.d_out]);
+  // Fully written before they are read: h by the shrink, rows (slots 1..k-1) by the expand. Both are kept per calling
+  // thread across calls: a fresh allocation of rows' size comes from mmap, and faulting its pages in on every call
+  // cost more than the expand's arithmetic.
+  thread_local std::vector<float> h_scratch, rows_scratch;
+  float* h = Scratch(h_scratch, n * p.rank);
+  float* rows = Scratch(rows_scratch, p.tokens * (p.k - 1) * p.d_out);
   const int64_t tasks = (num_experts + kExpertsPerTask - 1) / kExpertsPerTask;
   auto experts_of = [&](int64_t task, auto&& body) {
     for (int64_t e = task * kExpertsPerTask; e < std::min(num_experts, (task + 1) * kExpertsPerTask); ++e) body(e);
@@ -196,26 +212,29 @@ void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
       const float* ae = p.a + e * p.d_in * p.rank;
       const int64_t begin = expert_start[e], end = expert_start[e + 1];
       switch (p.rank) {
-        case 8: ShrinkVec<8>(p, by_expert.data(), begin, end, ae, h.get()); break;
-        case 16: ShrinkVec<16>(p, by_expert.data(), begin, end, ae, h.get()); break;
-        case 32: ShrinkVec<32>(p, by_expert.data(), begin, end, ae, h.get()); break;
-        case 64: ShrinkVec<64>(p, by_expert.data(), begin, end, ae, h.get()); break;
-        default: ShrinkAny(p, by_expert.data(), begin, end, ae, h.get());
+        case 8: ShrinkVec<8>(p, by_expert.data(), begin, end, ae, h); break;
+        case 16: ShrinkVec<16>(p, by_expert.data(), begin, end, ae, h); break;
+        case 32: ShrinkVec<32>(p, by_expert.data(), begin, end, ae, h); break;
+        case 64: ShrinkVec<64>(p, by_expert.data(), begin, end, ae, h); break;
+        default: ShrinkAny(p, by_expert.data(), begin, end, ae, h);
       }
-      Expand(p, by_expert.data(), begin, end, p.b + e * p.rank * p.d_out, h.get(), rows.get());
+      Expand(p, by_expert.data(), begin, end, p.b + e * p.rank * p.d_out, h, rows);
     });
   });
-  if (p.k == 1) return;
   constexpr int64_t kTokensPerTask = 16;
-  ParallelFor(pool, (p.tokens + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task) {
-    for (int64_t t = task * kTokensPerTask; t < std::min(p.tokens, (task + 1) * kTokensPerTask); ++t) {
-      float* orow = p.out + t * p.d_out;
-      for (int64_t s = 1; s < p.k; ++s) {
-        const float* row = rows.get() + (t * (p.k - 1) + s - 1) * p.d_out;
-        for (int64_t o = 0; o < p.d_out; ++o) orow[o] += row[o];
+  if (p.k > 1) {
+    ParallelFor(pool, (p.tokens + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task) {
+      for (int64_t t = task * kTokensPerTask; t < std::min(p.tokens, (task + 1) * kTokensPerTask); ++t) {
+        float* orow = p.out + t * p.d_out;
+        for (int64_t s = 1; s < p.k; ++s) {
+          const float* row = rows + (t * (p.k - 1) + s - 1) * p.d_out;
+          for (int64_t o = 0; o < p.d_out; ++o) orow[o] += row[o];
+        }
       }
-    }
-  });
+    });
+  }
+  ReleaseLarge(h_scratch);
+  ReleaseLarge(rows_scratch);
 }
 
 ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
