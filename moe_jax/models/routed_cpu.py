@@ -15,7 +15,8 @@ compiler works, `available()` is False (the reason is logged once): `routed.rout
 the routers `jax.lax.top_k`.
 
 The gradient (`jax.custom_vjp`) is `grid`'s: training tunes one expert or one gate (no routed backward), so the
-backward only has to be right, not fast.
+backward only has to be right, not fast. The kernels have no sharding rule: on a mesh of several CPU devices XLA's
+partitioner hands them whole operands (correct; CPU meshes serve tests here, accelerators take other paths).
 """
 
 from __future__ import annotations
