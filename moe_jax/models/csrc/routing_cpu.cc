@@ -2,17 +2,17 @@
 // out[t] = base[t] + sum_s w[t,s] * (x[t] @ A[e[t,s]]) @ B[e[t,s]] (MoeJaxRoutedLoraCpu), and the routers' top-k
 // (MoeJaxTopKCpu).
 //
-// Why a kernel for the LoRA: XLA:CPU runs the shrink of `grid` / `sorted` (a batched [E, rows, d_in] x [E, d_in, r] matmul) on
-// one thread and reads A at a fraction of the memory bandwidth. Here each expert's A and B stream once per group of
-// its assignments, on every thread of XLA's intra-op pool, with no padded rows and no gathered copies of x or of the
-// weights. Float32 throughout, the rank-r intermediate included.
+// Why a kernel for the LoRA: XLA:CPU runs the shrink of `grid` / `sorted` (a batched [E, rows, d_in] x [E, d_in, r]
+// matmul) on one thread and reads A at a fraction of the memory bandwidth. Here each expert's A and B stream once per
+// group of its assignments, on every thread of XLA's intra-op pool, with no padded rows and no gathered copies of x
+// or of the weights. Float32 throughout, the rank-r intermediate included.
 //
 // Layout: x [T, d_in], a [E, d_in, r], b [E, r, d_out], experts [T, k] int32, weights [T, k], base [T, d_out] -> out
 // [T, d_out], which XLA aliases to base. A token's slot-0 product is added to base in place; its other k - 1 go to
-// rows of their own (different threads expand a token's experts) that one pass per token adds after. Measured on
-// the routed `cpu_xl` / `cpu` benchmark layers, this beat a second read of B per slot (accumulating slot by slot),
-// a separate sum of the k rows before XLA's add of base (~0.35 ms of ~8 at `cpu`), and handing the k rows to XLA to
-// add (fused into attention's transposing copy of q/k/v, ~10 ms slower of ~100 at `cpu_xl`).
+// rows of their own (different threads expand a token's experts) that one pass per token adds after. Measured on the
+// routed `cpu` / `cpu_xl` benchmark layers against the alternatives: accumulating slot by slot (a second read of B
+// per slot) was ~0.35 ms slower of ~8 at `cpu`; handing XLA the k rows to add was at most ~0.1 ms faster there but
+// ~10 ms slower of ~100 at `cpu_xl`, where XLA fused that sum into attention's transposing copy of q/k/v.
 //
 // Why a kernel for the top-k: XLA:CPU's TopK took ~0.1 ms for one [256, 166] top-2, as long as that module's LoRA;
 // a scan that keeps the k best of each row takes a few microseconds.
