@@ -84,8 +84,7 @@ class Phatgoose(Router):
     if not 1 <= self.k <= num_experts:
       raise ConfigError(f"Phatgoose router: k={self.k} but the module has {num_experts} experts")
     vectors = vectors.astype(jnp.float32)
-    centred = vectors - jnp.mean(vectors, axis=-1, keepdims=True)
-    scale = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1) + self.eps) / jnp.sqrt(jnp.float32(d_in))
+    scale = jax.lax.rsqrt(jnp.var(vectors, axis=-1) + self.eps) / jnp.sqrt(jnp.float32(d_in))
     scores = jnp.einsum("...d,ed->...e", standardize(x, self.eps), vectors,
                         precision=jax.lax.Precision.HIGHEST) * scale
     top_scores, top_experts = top_k(scores, self.k)

@@ -76,15 +76,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
-// Stable counting sort of [0, n) by key(i) in [0, keys): `order` lists the items, key g's run starts at start[g].
-template <typename Key>
-void CountingSort(int64_t n, int64_t keys, const Key& key, std::vector<int64_t>& order, std::vector<int64_t>& start) {
-  start.assign(keys + 1, 0);
+// The assignments [0, n) stably sorted by expert (a counting sort): `order` lists them, expert e's run starts at
+// start[e].
+void SortByExpert(const int32_t* experts, int64_t n, int64_t num_experts, std::vector<int64_t>& order,
+                  std::vector<int64_t>& start) {
+  start.assign(num_experts + 1, 0);
   order.resize(n);
-  for (int64_t i = 0; i < n; ++i) ++start[key(i) + 1];
-  for (int64_t g = 0; g < keys; ++g) start[g + 1] += start[g];
+  for (int64_t i = 0; i < n; ++i) ++start[experts[i] + 1];
+  for (int64_t e = 0; e < num_experts; ++e) start[e + 1] += start[e];
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < n; ++i) order[fill[key(i)]++] = i;
+  for (int64_t i = 0; i < n; ++i) order[fill[experts[i]]++] = i;
 }
 
 // Scratch kept across calls up to this many floats per calling thread (256 MB); a larger one is freed after its call.
@@ -105,7 +106,7 @@ struct Problem {
   const float* b;
   const int32_t* experts;
   const float* weights;
-  float* out;  // holds base on entry
+  float* out;  // the same buffer as base (the caller's input_output_aliases, which XLA must honour)
   int64_t tokens, d_in, num_experts, rank, d_out, k;
 };
 
@@ -193,9 +194,8 @@ void Expand(const Problem& p, const int64_t* order, int64_t begin, int64_t end, 
 void RoutedLora(ffi::ThreadPool& pool, const Problem& p) {
   // The assignments sorted by expert: A[e] and B[e] are read once, for all of e's tokens.
   const int64_t n = p.tokens * p.k, num_experts = p.num_experts;
-  const int32_t* ep = p.experts;
   std::vector<int64_t> by_expert, expert_start;
-  CountingSort(n, num_experts, [&](int64_t i) { return int64_t{ep[i]}; }, by_expert, expert_start);
+  SortByExpert(p.experts, n, num_experts, by_expert, expert_start);
 
   // Fully written before they are read: h by the shrink, rows (slots 1..k-1) by the expand. Both are kept per calling
   // thread across calls: a fresh allocation of rows' size comes from mmap, and faulting its pages in on every call
@@ -263,7 +263,6 @@ ffi::Error RoutedLoraImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       return ffi::Error::InvalidArgument("routed_lora_cpu: an expert id is outside [0, E)");
     }
   }
-  if (base.typed_data() != p.out) std::copy(base.typed_data(), base.typed_data() + p.tokens * p.d_out, p.out);
   RoutedLora(pool, p);
   return ffi::Error::Success();
 }
